@@ -1,0 +1,157 @@
+"""The DGC algorithm for one tensor (Lin et al., ICLR 2018, Algorithm 1 with its four techniques).
+
+Both transports (the DDP hook and the Horovod optimizer) call these two functions, so they compute the
+same thing.  Per worker, per tensor, per step, with momentum m:
+
+    Step 0  (optional) weight decay ``g += wd * w`` and local clipping of g to ``clip_norm / sqrt(N)``;
+    Step 1  momentum correction  ``u <- m*u + g``            (Nesterov: ``u <- m*(u + g)``, v gets u + g);
+    Step 2  local accumulation   ``v <- v + u``;
+    Step 3  selection of the k = ceil(density * numel) entries of largest |v|;
+    Step 4  packing of (index, value) pairs (values cast to the wire dtype);
+    Step 5  momentum factor masking ``u[sel] <- 0`` and ``v[sel] <- v[sel] - sent`` (0 in float32).
+
+A dense-path tensor (small tensors always, every tensor during the first ``dense_steps``) runs steps 0-2
+and sends all of v, keeping the wire dtype's rounding error in v; its momentum is not masked, which makes
+it plain momentum SGD.  If another worker reports a non-finite gradient, nothing of the step is applied
+and every worker puts what it packed back into v (:func:`finish_dense`, ``DGCState.restore``).  Invariant, checked by the tests: sent + v = the sum of all momentum-corrected
+gradients, for every tensor at every step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .config import DGCConfig
+
+__all__ = [
+    "CompressedTensor",
+    "TensorMemory",
+    "compress",
+    "compress_dense",
+    "finish_dense",
+    "preprocess",
+]
+
+
+@dataclass(kw_only=True, slots=True)
+class TensorMemory:
+    """Per-parameter internal state of one worker: DGC's momentum ``u`` and residual ``v`` (float32)."""
+
+    name: str
+    shape: torch.Size
+    compressed: bool
+    """Whether this tensor is eligible for sparsification (else it always goes dense)."""
+    residual: Tensor
+    momentum: Tensor | None
+    """None when ``config.momentum == 0``: top-k with error feedback keeps no momentum."""
+    mask: Tensor | None = None
+    """Static pruning mask (True = live), flat bool; masked entries are never selected or sent."""
+    live: int = 0
+    """Number of unmasked entries (``numel`` without a mask): the density counts these."""
+
+    @property
+    def numel(self) -> int:
+        return self.residual.numel()
+
+    def k_at(self, density: float) -> int:
+        """Pairs sent at ``density``: ``ceil(density * live)``, at least 1 while anything is live."""
+        return min(self.live, max(1, math.ceil(density * self.live))) if self.live else 0
+
+
+@dataclass(kw_only=True, slots=True)
+class CompressedTensor:
+    """What one worker sends for one tensor: exactly ``k`` pairs (fixed-size messages)."""
+
+    indices: Tensor
+    """int32 positions in the flattened tensor, ascending."""
+    values: Tensor
+    """The residual's values at ``indices``, in the wire dtype."""
+    numel: int
+    shape: torch.Size
+
+
+def preprocess(grad: Tensor, param: Tensor | None, config: DGCConfig, world_size: int) -> Tensor:
+    """Step 0, in place on ``grad``: weight decay (needs ``param``), then local clipping."""
+    if config.weight_decay:
+        if param is None:
+            raise ValueError(
+                "DGCConfig.weight_decay > 0 needs the parameter values; pass param= to compress()."
+            )
+        grad.add_(param.detach().reshape(grad.shape), alpha=config.weight_decay)
+    if config.clip_norm is not None:
+        # The paper clips each worker's gradient at the global threshold scaled by N^-1/2 (sec. 3.3).
+        limit = config.clip_norm * world_size**-0.5
+        norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+        grad.mul_(torch.clamp(limit / (norm + 1e-6), max=1.0).to(grad.dtype))
+    return grad
+
+
+def compress(
+    memory: TensorMemory,
+    grad: Tensor,
+    k: int,
+    config: DGCConfig,
+    kernels,
+    *,
+    offset: int = 0,
+    out_indices: Tensor | None = None,
+    out_values: Tensor | None = None,
+) -> CompressedTensor:
+    """Steps 1-5 for a compressed tensor (``grad`` already preprocessed).  Writes the pairs into
+    ``out_indices``/``out_values`` when given (views into a wire buffer), else into new tensors."""
+    device = memory.residual.device
+    if out_indices is None:
+        out_indices = torch.empty(k, dtype=torch.int32, device=device)
+    if out_values is None:
+        out_values = torch.empty(k, dtype=config.wire_dtype, device=device)
+    kernels.compress_step(
+        grad.reshape(-1),
+        memory.momentum,
+        memory.residual,
+        beta=config.momentum,
+        nesterov=config.nesterov,
+        k=k,
+        sample_ratio=config.sample_ratio,
+        offset=offset,
+        momentum_masking=config.momentum_masking,
+        out_indices=out_indices,
+        out_values=out_values,
+        mask=memory.mask,
+    )
+    return CompressedTensor(indices=out_indices, values=out_values, numel=memory.numel, shape=memory.shape)
+
+
+def compress_dense(memory: TensorMemory, grad: Tensor, config: DGCConfig, out: Tensor) -> Tensor:
+    """Steps 1-2 for a dense-path tensor: v becomes everything to send and ``out`` (any float dtype, may
+    alias ``grad``) receives a copy.  v keeps it until :func:`finish_dense` learns whether it arrived."""
+    g = grad.reshape(-1)
+    v = memory.residual
+    u = memory.momentum
+    if memory.mask is not None:
+        g = g * memory.mask
+    if u is None:
+        v.add_(g)
+    elif config.nesterov:
+        u.add_(g).mul_(config.momentum)
+        v.add_(u).add_(g)
+    else:
+        torch.add(g, u, alpha=config.momentum, out=u)
+        v.add_(u)
+    out.reshape(-1).copy_(v)
+    return out
+
+
+def finish_dense(memory: TensorMemory, sent_dtype: torch.dtype, delivered: bool) -> None:
+    """After the collective: a delivered payload leaves only its rounding error to ``sent_dtype`` in v;
+    an undelivered one (another worker's gradient was not finite) stays whole in v."""
+    if not delivered:
+        return
+    v = memory.residual
+    if sent_dtype == torch.float32:
+        v.zero_()
+    else:
+        v.sub_(v.to(sent_dtype).float())

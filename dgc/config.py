@@ -1,0 +1,151 @@
+"""Hyperparameters of Deep Gradient Compression, validated on construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+
+__all__ = ["DGCConfig", "WIRE_DTYPES"]
+
+WIRE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+@dataclass(kw_only=True, slots=True)
+class DGCConfig:
+    """What the user tunes.  Every field is checked in ``__post_init__`` (``ValueError`` names it).
+
+    The defaults are those of the paper (Lin et al., ICLR 2018) and the official code.
+    """
+
+    density: float = 0.001
+    """Final fraction of each compressed tensor's entries sent per step, 0 < density <= 1 (0.001 = the
+    paper's 99.9% sparsity).  ``k = ceil(density * numel)`` pairs are sent per tensor."""
+
+    momentum: float = 0.9
+    """Momentum m of the momentum correction, 0 <= m < 1.  0 turns DGC into top-k with error feedback,
+    usable with any optimizer (Adam included).  With m > 0 the optimizer must not apply momentum again."""
+
+    nesterov: bool = False
+    """Nesterov momentum correction: ``u <- m*(u + g)``, and the residual gets ``u + g``."""
+
+    momentum_masking: bool = True
+    """Momentum factor masking: zero the momentum of the entries just sent (paper, section 3.2)."""
+
+    sample_ratio: float = 0.01
+    """Fraction of entries sampled to estimate the selection threshold, 0 < r <= 1 (official default 1%).
+    1 means an exact threshold.  The selected set is the exact top-k either way; sampling only makes the
+    search faster."""
+
+    warmup_steps: int = 0
+    """Length, in communication steps after ``dense_steps``, of the exponential density warm-up: density
+    falls geometrically from ``warmup_initial_density`` to ``density`` in ``warmup_stages`` equal stages
+    (25%, 6.25%, 1.56%, 0.4%, then 0.1% with the defaults, as in the paper).  0 = off."""
+
+    warmup_initial_density: float = 0.25
+    """Density of the first warm-up stage, density <= value <= 1."""
+
+    warmup_stages: int = 4
+    """Number of equal-length stages of the warm-up (the density of stage i is
+    ``initial * (density/initial)**(i/stages)``), >= 1."""
+
+    dense_steps: int = 2
+    """Communication steps at the start that use plain allreduce (momentum correction still applies).
+    DDP rebuilds its buckets after the first step; >= 0."""
+
+    clip_norm: float | None = None
+    """Local gradient clipping: each tensor's local gradient is clipped to norm ``clip_norm / sqrt(N)``
+    before it enters the accumulation (paper, section 3.3).  None = off."""
+
+    min_compress_numel: int = 1024
+    """Tensors with ``ndim <= 1`` (biases, norms) or fewer elements than this go dense, as in the official
+    code; >= 1."""
+
+    weight_decay: float = 0.0
+    """L2 penalty added to the local gradient *before* momentum correction (PaddlePaddle's placement,
+    equivalent to SGD's own weight decay under momentum; SPEC 2.8).  0 = off, in which case the optimizer
+    may apply its own (uncompressed) weight decay instead; never both."""
+
+    value_dtype: str = "float32"
+    """Dtype of the values on the wire: "float32", "float16" or "bfloat16".  The rounding error of a
+    narrower dtype stays in the residual, so nothing is lost.  Indices are int32."""
+
+    nonfinite: Literal["raise", "propagate"] = "raise"
+    """What a NaN/Inf local gradient does.  The residual and momentum are never touched by it (every rank
+    restores what it had), then: "raise" raises ``FloatingPointError`` from ``backward()`` on every rank;
+    "propagate" returns NaN gradients for the affected bucket, so ``torch.amp.GradScaler`` skips the step
+    (use it with mixed precision)."""
+
+    check_finite: bool = True
+    """Check the local gradients for NaN/Inf every step (one reduction per bucket and, on a GPU, one
+    device synchronization).  False skips the check: a NaN then poisons the residual."""
+
+    backend: Literal["auto", "torch", "cupy"] = "auto"
+    """Kernels: "auto" = CuPy for CUDA tensors when available, else the torch twins; or force one."""
+
+    seed: int = 0
+    """Seed of the random sample offsets (mixed with the rank)."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.density <= 1.0, "density", self.density, "0 < density <= 1 (0.001 = 99.9% sparsity)")
+        _check(0.0 <= self.momentum < 1.0, "momentum", self.momentum, "0 <= momentum < 1 (0 = top-k with error feedback)")
+        _check(0.0 < self.sample_ratio <= 1.0, "sample_ratio", self.sample_ratio, "0 < sample_ratio <= 1 (1 = exact)")
+        _check(_is_int(self.warmup_steps) and self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "an integer >= 0 (0 = off)")
+        _check(
+            0.0 < self.warmup_initial_density <= 1.0
+            and (self.warmup_steps == 0 or self.density <= self.warmup_initial_density),
+            "warmup_initial_density",
+            self.warmup_initial_density,
+            f"in [density ({self.density}), 1] when warmup_steps > 0",
+        )
+        _check(_is_int(self.warmup_stages) and self.warmup_stages >= 1, "warmup_stages", self.warmup_stages, "an integer >= 1")
+        _check(_is_int(self.dense_steps) and self.dense_steps >= 0, "dense_steps", self.dense_steps, "an integer >= 0")
+        _check(
+            self.clip_norm is None or (math.isfinite(self.clip_norm) and self.clip_norm > 0),
+            "clip_norm",
+            self.clip_norm,
+            "a positive number, or None to turn local clipping off",
+        )
+        _check(_is_int(self.min_compress_numel) and self.min_compress_numel >= 1, "min_compress_numel", self.min_compress_numel, "an integer >= 1")
+        _check(self.weight_decay >= 0.0, "weight_decay", self.weight_decay, "weight_decay >= 0 (0 = off)")
+        if isinstance(self.value_dtype, torch.dtype):  # accept torch.float16 as well as "float16"
+            names = {v: k for k, v in WIRE_DTYPES.items()}
+            _check(self.value_dtype in names, "value_dtype", self.value_dtype, f"one of {sorted(WIRE_DTYPES)}")
+            self.value_dtype = names[self.value_dtype]
+        _check(self.value_dtype in WIRE_DTYPES, "value_dtype", self.value_dtype, f"one of {sorted(WIRE_DTYPES)}")
+        _check(self.nonfinite in ("raise", "propagate"), "nonfinite", self.nonfinite, "'raise' or 'propagate'")
+        _check(self.backend in ("auto", "torch", "cupy"), "backend", self.backend, "'auto', 'torch' or 'cupy'")
+
+    @property
+    def wire_dtype(self) -> torch.dtype:
+        """``value_dtype`` as a torch dtype."""
+        return WIRE_DTYPES[self.value_dtype]
+
+    def density_at(self, step: int) -> float:
+        """Density of communication step ``step`` (0-based): 1 during ``dense_steps``, then the warm-up."""
+        if step < self.dense_steps:
+            return 1.0
+        s = step - self.dense_steps
+        if self.warmup_steps == 0 or s >= self.warmup_steps:
+            return self.density
+        stage = s * self.warmup_stages // self.warmup_steps
+        ratio = self.density / self.warmup_initial_density
+        return self.warmup_initial_density * ratio ** (stage / self.warmup_stages)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check(ok: bool, field: str, value: object, constraint: str) -> None:
+    if not ok:
+        raise ValueError(f"DGCConfig.{field} = {value!r} is invalid: it must be {constraint}.")

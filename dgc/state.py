@@ -1,0 +1,407 @@
+"""``DGCState``: everything one worker keeps between steps, keyed by parameter name."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import compressor
+from .compressor import CompressedTensor, TensorMemory
+from .config import DGCConfig
+from .stats import CompressionStats
+from .wire import BucketLayout
+
+__all__ = ["DGCState"]
+
+log = logging.getLogger(__name__)
+
+_MAX_INDEX = 2**31 - 1  # indices travel as int32
+
+
+class DGCState:
+    """Hyperparameters and internal state of DGC for one worker (the DDP hook's ``state`` argument).
+
+    Hyperparameters the user tunes: ``config`` (:class:`DGCConfig`) and ``process_group`` (None = the
+    default group).  Internal state: per-parameter momentum and residual (float32, whatever the gradient
+    dtype), keyed by parameter *name*, never by bucket index (DDP rebuilds its buckets after the first
+    step); the communication ``step``; ``stats`` of the last completed step.
+
+    ``named_parameters`` are those of the model DDP wraps (``ddp_model.module.named_parameters()``); only
+    parameters that require gradients are tracked.  Pickling drops the process group and the parameter
+    references: call :meth:`bind` after unpickling (``dgc.register`` does).  Prefer :meth:`state_dict`
+    for checkpoints.
+    """
+
+    def __init__(
+        self,
+        config: DGCConfig | None = None,
+        named_parameters: Iterable[tuple[str, Tensor]] = (),
+        process_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        if config is None:
+            config = DGCConfig()
+        if not isinstance(config, DGCConfig):
+            raise TypeError(f"config must be a dgc.DGCConfig, got {type(config).__name__}")
+        # Hyperparameters.
+        self.config = config
+        self.process_group = process_group
+        # Internal state.
+        self.step = 0
+        self.stats = CompressionStats()
+        self.memory: dict[str, TensorMemory] = {}
+        self._pending = CompressionStats()
+        self._params: dict[int, tuple[str, Tensor]] = {}
+        self._layouts: dict[tuple[Any, ...], BucketLayout] = {}
+        self._workspace: dict[tuple[Any, ...], dict[str, Tensor]] = {}
+        self._rng = random.Random(config.seed * 1_000_003 + self.rank)
+        params = list(named_parameters)
+        if not params:
+            raise ValueError(
+                "DGCState needs the model's parameters: pass named_parameters="
+                "ddp_model.module.named_parameters() (got none)."
+            )
+        for name, p in params:
+            if not p.requires_grad:
+                continue
+            if name in self.memory:
+                raise ValueError(f"parameter name {name!r} appears twice in named_parameters")
+            if p.numel() > _MAX_INDEX:
+                raise ValueError(
+                    f"parameter {name!r} has {p.numel()} elements; DGC indices are int32, so a tensor "
+                    f"may have at most {_MAX_INDEX}. Split the parameter."
+                )
+            compressed = p.dim() > 1 and p.numel() >= config.min_compress_numel
+            self.memory[name] = TensorMemory(
+                name=name,
+                shape=p.shape,
+                compressed=compressed,
+                residual=torch.zeros(p.numel(), dtype=torch.float32, device=p.device),
+                momentum=(
+                    torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+                    if config.momentum > 0
+                    else None
+                ),
+                live=p.numel(),
+            )
+        self.bind(params)
+
+    # ------------------------------------------------------------------ topology
+    @property
+    def world_size(self) -> int:
+        if not dist.is_available() or not dist.is_initialized():
+            return 1
+        return dist.get_world_size(self.process_group)
+
+    @property
+    def rank(self) -> int:
+        if not dist.is_available() or not dist.is_initialized():
+            return 0
+        return dist.get_rank(self.process_group)
+
+    def bind(self, named_parameters: Iterable[tuple[str, Tensor]]) -> None:
+        """Attach the live parameter tensors (after construction or unpickling), checking names/shapes."""
+        self._params = {}
+        for name, p in named_parameters:
+            if name not in self.memory:
+                continue
+            mem = self.memory[name]
+            if tuple(p.shape) != tuple(mem.shape):
+                raise ValueError(
+                    f"parameter {name!r} has shape {tuple(p.shape)} but the DGC state holds "
+                    f"{tuple(mem.shape)}: the state belongs to another model."
+                )
+            self._params[id(p)] = (name, p)
+        missing = set(self.memory) - {n for n, _ in self._params.values()}
+        if missing:
+            raise ValueError(
+                f"DGC state tracks parameters the model lacks: {sorted(missing)[:5]}; "
+                "pass the same model's named_parameters()."
+            )
+
+    def name_of(self, param: Tensor) -> str:
+        entry = self._params.get(id(param))
+        if entry is None:
+            if not self._params:
+                raise RuntimeError(
+                    "this DGCState has no parameters bound (it was unpickled): call "
+                    "state.bind(model.named_parameters()) or dgc.register(...) before training."
+                )
+            raise KeyError(
+                f"a parameter of shape {tuple(param.shape)} reached the DGC hook but is not in the "
+                "DGCState: build the state from ddp_model.module.named_parameters()."
+            )
+        return entry[0]
+
+    def param_of(self, name: str) -> Tensor | None:
+        for n, p in self._params.values():
+            if n == name:
+                return p
+        return None
+
+    # ------------------------------------------------------------------ masks
+    def set_masks(self, masks: Mapping[str, Tensor | None]) -> None:
+        """Register static pruning masks (True = live) by parameter name; None removes a mask.
+
+        Masked coordinates are never selected or sent, their gradient is ignored, and their momentum
+        and residual are zeroed now and stay zero.  The density then counts live entries only.  Masks
+        must be identical on every rank (the message sizes depend on them).
+        """
+        for name, mask in masks.items():
+            if name not in self.memory:
+                raise KeyError(f"set_masks: no parameter named {name!r} in the DGC state")
+            mem = self.memory[name]
+            if mask is None:
+                mem.mask, mem.live = None, mem.numel
+                continue
+            if mask.numel() != mem.numel:
+                raise ValueError(
+                    f"set_masks: mask for {name!r} has {mask.numel()} elements, parameter has {mem.numel}"
+                )
+            flat = mask.detach().reshape(-1).to(device=mem.residual.device, dtype=torch.bool)
+            mem.mask = flat.clone()
+            mem.live = int(flat.sum())
+            mem.residual.mul_(flat)
+            if mem.momentum is not None:
+                mem.momentum.mul_(flat)
+        self._layouts.clear()
+        self._workspace.clear()
+
+    # ------------------------------------------------------------------ per-tensor API
+    @property
+    def density(self) -> float:
+        """Target density of the current step (1 during dense steps, then the warm-up)."""
+        return self.config.density_at(self.step)
+
+    def is_compressed(self, name: str) -> bool:
+        """Whether tensor ``name`` goes sparse at the current step."""
+        mem = self.memory[name]
+        return mem.compressed and self.step >= self.config.dense_steps and mem.live > 0
+
+    def k_for(self, name: str) -> int:
+        """Pairs tensor ``name`` sends at the current step (0 = dense)."""
+        return self.memory[name].k_at(self.density) if self.is_compressed(name) else 0
+
+    def sample_offset(self) -> int:
+        stride = max(1, round(1.0 / self.config.sample_ratio))
+        return self._rng.randrange(stride)
+
+    def kernels_for(self, tensor: Tensor):
+        from .kernels import backend_for
+
+        return backend_for(tensor.device, self.config.backend)
+
+    def compress(
+        self,
+        name: str,
+        grad: Tensor,
+        *,
+        param: Tensor | None = None,
+        out_indices: Tensor | None = None,
+        out_values: Tensor | None = None,
+    ) -> CompressedTensor:
+        """Compress the local gradient of ``name`` (may modify ``grad`` in place).
+
+        Runs weight decay and clipping, momentum correction, accumulation, selection, packing and
+        masking; returns exactly :meth:`k_for` pairs.  ``param`` is needed when weight decay is on
+        (defaults to the bound parameter).
+        """
+        k = self.k_for(name)
+        if k == 0:
+            raise ValueError(f"tensor {name!r} goes dense at step {self.step}: use compress_dense()")
+        mem = self.memory[name]
+        compressor.preprocess(grad, self._param_for(name, param), self.config, self.world_size)
+        return compressor.compress(
+            mem,
+            grad,
+            k,
+            self.config,
+            self.kernels_for(mem.residual),
+            offset=self.sample_offset(),
+            out_indices=out_indices,
+            out_values=out_values,
+        )
+
+    def compress_dense(
+        self, name: str, grad: Tensor, *, param: Tensor | None = None, out: Tensor | None = None
+    ) -> Tensor:
+        """Momentum-corrected, accumulated payload of a dense-path tensor (``out`` may alias ``grad``;
+        default: a new tensor of the wire dtype).  Call :meth:`finish_dense` once the collective is done."""
+        mem = self.memory[name]
+        compressor.preprocess(grad, self._param_for(name, param), self.config, self.world_size)
+        if out is None:
+            out = torch.empty(mem.numel, dtype=self.config.wire_dtype, device=mem.residual.device)
+        return compressor.compress_dense(mem, grad, self.config, out)
+
+    def finish_dense(self, name: str, sent_dtype: torch.dtype, delivered: bool = True) -> None:
+        """Second half of :meth:`compress_dense`: clear what was delivered from the residual."""
+        compressor.finish_dense(self.memory[name], sent_dtype, delivered)
+
+    def decompress(self, name: str, indices: Tensor, values: Tensor, world_size: int) -> Tensor:
+        """Average of ``world_size`` workers' pairs for tensor ``name`` (concatenated by rank), float32
+        with the parameter's shape."""
+        mem = self.memory[name]
+        out = torch.empty(mem.numel, dtype=torch.float32, device=mem.residual.device)
+        self.kernels_for(out).scatter_unpack(out, indices, values, world_size)
+        return out.view(mem.shape)
+
+    def restore(self, name: str, indices: Tensor | None, sent: Tensor) -> None:
+        """Put values that were packed but never delivered back into the residual (indices None: all)."""
+        v = self.memory[name].residual
+        if indices is None:
+            v.add_(sent.reshape(-1).float())
+        else:
+            v.index_add_(0, indices.long(), sent.float())
+
+    def end_step(self) -> None:
+        """Close the communication step: publish its stats, advance the density schedule."""
+        self._pending.step = self.step
+        self._pending.density = self.density
+        self.stats = self._pending
+        self._pending = CompressionStats()
+        self.step += 1
+        if self.step == self.config.dense_steps and self.rank == 0 and self.config.dense_steps:
+            log.info("DGC: dense warm-up over after %d steps, sparse from now on", self.step)
+
+    def record(self, *, sparse: bool, **figures: int) -> None:
+        """Add a bucket's traffic to the current step's stats (``sparse``: it went through allgather)."""
+        self._pending.add(**figures)
+        if sparse:
+            self._pending.sparse_buckets += 1
+        else:
+            self._pending.dense_buckets += 1
+
+    def _param_for(self, name: str, param: Tensor | None) -> Tensor | None:
+        if param is not None or not self.config.weight_decay:
+            return param
+        return self.param_of(name)
+
+    # ------------------------------------------------------------------ buckets
+    def layout_for(self, params: list[Tensor], device: torch.device) -> BucketLayout:
+        """The wire layout of a bucket at the current step (cached per parameter set and density)."""
+        key = (tuple(id(p) for p in params), self.step >= self.config.dense_steps, self.density)
+        layout = self._layouts.get(key)
+        if layout is None:
+            names = tuple(self.name_of(p) for p in params)
+            numels = tuple(p.numel() for p in params)
+            offsets = tuple(int(x) for x in torch.tensor((0, *numels[:-1])).cumsum(0))
+            layout = BucketLayout(
+                names=names,
+                offsets=offsets,
+                numels=numels,
+                ks=tuple(self.k_for(n) for n in names),
+                wire_dtype=self.config.wire_dtype,
+            )
+            if sum(numels) > _MAX_INDEX:
+                raise ValueError(
+                    f"a DDP bucket holds {sum(numels)} elements; DGC indices are int32. "
+                    "Use a smaller bucket_cap_mb."
+                )
+            self._layouts[key] = layout
+        return layout
+
+    def workspace(self, layout: BucketLayout, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
+        """Reusable buffers of a bucket: its message, the gathered messages, a float32 accumulator.
+
+        Safe to reuse across steps: DDP waits for every bucket's future before the next backward.
+        """
+        key = (layout, device, dtype, self.world_size)
+        ws = self._workspace.get(key)
+        if ws is None:
+            n = self.world_size
+            ws = {
+                "message": torch.zeros(layout.message_bytes, dtype=torch.uint8, device=device),
+                "gathered": torch.empty(n * layout.message_bytes, dtype=torch.uint8, device=device),
+                "dense_positions": layout.dense_positions(device),
+            }
+            if dtype != torch.float32:
+                ws["accumulator"] = torch.empty(sum(layout.numels), dtype=torch.float32, device=device)
+            self._workspace[key] = ws
+        return ws
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Per parameter name its ``momentum`` and ``residual`` (parameter-shaped float32; momentum
+        None when m = 0), plus ``step``, ``world_size``, ``rank`` and the config, loadable with
+        ``torch.load(weights_only=True)``.  Each rank saves its own: residuals differ between ranks."""
+        return {
+            "step": self.step,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "config": self.config.to_dict(),
+            "params": {
+                name: {
+                    "momentum": None if m.momentum is None else m.momentum.view(m.shape).clone(),
+                    "residual": m.residual.view(m.shape).clone(),
+                    "mask": None if m.mask is None else m.mask.view(m.shape).clone(),
+                }
+                for name, m in self.memory.items()
+            },
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` exactly; raises ``ValueError`` naming any mismatch (parameter
+        names or shapes, world size, rank, momentum on/off)."""
+        ws, rank = int(state["world_size"]), int(state["rank"])
+        if ws != self.world_size:
+            raise ValueError(
+                f"DGC state was saved with world size {ws}, this run has {self.world_size}: the "
+                "residuals are per worker and cannot be redistributed. Resume with the same world size."
+            )
+        if rank != self.rank:
+            raise ValueError(
+                f"DGC state of rank {rank} loaded on rank {self.rank}: load each rank's own state."
+            )
+        saved = state["params"]
+        if set(saved) != set(self.memory):
+            extra, missing = sorted(set(saved) - set(self.memory)), sorted(set(self.memory) - set(saved))
+            raise ValueError(
+                f"DGC state parameter names differ from the model's: in the checkpoint only "
+                f"{extra[:5]}, in the model only {missing[:5]}."
+            )
+        for name, entry in saved.items():
+            mem = self.memory[name]
+            if tuple(entry["residual"].shape) != tuple(mem.shape):
+                raise ValueError(
+                    f"DGC state for {name!r} has shape {tuple(entry['residual'].shape)}, "
+                    f"the model's parameter has {tuple(mem.shape)}."
+                )
+            if (entry["momentum"] is None) != (mem.momentum is None):
+                raise ValueError(
+                    f"DGC state for {name!r} was saved with momentum "
+                    f"{'off' if entry['momentum'] is None else 'on'}, this config has momentum="
+                    f"{self.config.momentum}."
+                )
+        for name, entry in saved.items():
+            mem = self.memory[name]
+            mem.residual.copy_(entry["residual"].reshape(-1))
+            if mem.momentum is not None:
+                mem.momentum.copy_(entry["momentum"].reshape(-1))
+            mask = entry.get("mask")
+            mem.mask = None if mask is None else mask.reshape(-1).to(mem.residual.device).clone()
+            mem.live = mem.numel if mem.mask is None else int(mem.mask.sum())
+        self.step = int(state["step"])
+        self._layouts.clear()
+        self._workspace.clear()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Like PowerSGDState: a process group cannot be pickled; neither can id()-keyed caches.
+        state = dict(self.__dict__)
+        state["process_group"] = None
+        state["_params"] = {}
+        state["_layouts"] = {}
+        state["_workspace"] = {}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        n = sum(m.numel for m in self.memory.values())
+        return f"DGCState(step={self.step}, tensors={len(self.memory)}, elements={n}, config={self.config})"
+

@@ -1,0 +1,56 @@
+"""Selection, packing and unpacking kernels: CuPy (CUDA C) on GPUs, pure-torch twins everywhere.
+
+Installed as ``dgc.kernels``.  :func:`backend_for` picks the implementation for a tensor: the CuPy module
+for CUDA tensors when CuPy imports and the user did not ask for ``"torch"``, else :mod:`.reference`.  Both
+expose the same functions with the same semantics (``select_topk``, ``compress_step``, ``scatter_unpack``).
+"""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+from typing import Literal
+
+import torch
+
+from . import reference
+
+__all__ = ["Backend", "backend_for", "cupy_available", "reference"]
+
+Backend = Literal["auto", "torch", "cupy"]
+
+
+@functools.cache
+def _cupy_module() -> ModuleType | None:
+    try:
+        from . import cupy_backend
+    except ImportError:  # CuPy not installed, or no CUDA driver: the torch twins serve.
+        return None
+    return cupy_backend if cupy_backend.is_available() else None
+
+
+def cupy_available() -> bool:
+    """True when the CuPy kernels can run here (CuPy imports and a CUDA device is visible)."""
+    return _cupy_module() is not None
+
+
+def backend_for(device: torch.device, preference: Backend = "auto") -> ModuleType:
+    """The kernel module for tensors on ``device``.
+
+    ``"auto"``: CuPy kernels for CUDA tensors when available, the torch twins otherwise.
+    ``"torch"``: always the torch twins.  ``"cupy"``: the CuPy kernels; raises when they cannot run.
+    """
+    if preference not in ("auto", "torch", "cupy"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'cupy', got {preference!r}")
+    if preference == "torch" or (preference == "auto" and device.type != "cuda"):
+        return reference
+    module = _cupy_module()
+    if module is None or device.type != "cuda":
+        if preference == "cupy":
+            raise RuntimeError(
+                "backend='cupy' needs CUDA tensors and CuPy (pip install 'dgc[cuda]'); "
+                f"got a {device.type} tensor{'' if module else ' and CuPy is unavailable'}. "
+                "Use backend='auto' to fall back to the torch twins."
+            )
+        return reference
+    return module
