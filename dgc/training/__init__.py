@@ -1,0 +1,1 @@
+"""Training loop pieces used by launch/train.py: models, data, checkpoints, logging."""
