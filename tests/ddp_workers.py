@@ -1,0 +1,208 @@
+"""Worker functions for the multi-process DDP hook tests (run in spawned gloo processes)."""
+
+from __future__ import annotations
+
+import copy
+import io
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import dgc
+
+
+class ToyModel(nn.Module):
+    """The PyTorch DDP tutorial's ToyModel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net1 = nn.Linear(10, 64)
+        self.relu = nn.ReLU()
+        self.net2 = nn.Linear(64, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net2(self.relu(self.net1(x)))
+
+
+class ConvNet(nn.Module):
+    """Conv + linear layers of several shapes; with a tiny bucket cap DDP makes many buckets."""
+
+    def __init__(self, unused: bool = False) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.c3 = nn.Conv2d(32, 32, 3, padding=1)
+        self.bn = nn.BatchNorm2d(32)
+        self.fc1 = nn.Linear(32 * 4 * 4, 64)
+        self.fc2 = nn.Linear(64, 10)
+        self.extra = nn.Linear(64, 64) if unused else None  # never called: an unused parameter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c1(x))
+        x = torch.max_pool2d(torch.relu(self.c2(x)), 2)
+        x = torch.max_pool2d(torch.relu(self.bn(self.c3(x))), 2)
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+@dataclass(kw_only=True)
+class Scenario:
+    model: str = "toy"
+    dgc: dict | None = field(default_factory=dict)  # None = plain DDP
+    opt: str = "dgcsgd"  # or "sgd", "sgd_momentum", "sgd_wd"
+    steps: int = 6
+    lr: float = 0.05
+    bucket_cap_mb: float = 25.0
+    gradient_as_bucket_view: bool = False
+    static_graph: bool = False
+    find_unused: bool = False
+    accumulate: int = 1  # micro-batches per step, the first ones under no_sync()
+    dtype: str = "float32"
+    nan_at: tuple[int, int] | None = None  # (step, rank) whose local gradient gets a NaN
+    check_invariant: bool = True
+    checkpoint_at: int | None = None  # save state at this step, rebuild everything, load, continue
+
+
+def _model(name: str, unused: bool) -> nn.Module:
+    torch.manual_seed(0)
+    return ToyModel() if name == "toy" else ConvNet(unused)
+
+
+def _batch(model: str, gen: torch.Generator, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    if model == "toy":
+        x, y = torch.randn(8, 10, generator=gen), torch.randn(8, 5, generator=gen)
+    else:
+        x, y = torch.randn(4, 3, 16, 16, generator=gen), torch.randn(4, 10, generator=gen)
+    return x.to(dtype), y.to(dtype)
+
+
+def _optimizer(kind: str, params, lr: float) -> torch.optim.Optimizer:
+    if kind == "dgcsgd":
+        return dgc.DGCSGD(params, lr=lr)
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if kind == "sgd_momentum":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    if kind == "sgd_momentum_wd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=0.01)
+    raise ValueError(kind)
+
+
+def _setup(sc: Scenario, dtype: torch.dtype):
+    module = _model(sc.model, sc.find_unused).to(dtype)
+    ddp = DDP(
+        module,
+        bucket_cap_mb=sc.bucket_cap_mb,
+        gradient_as_bucket_view=sc.gradient_as_bucket_view,
+        static_graph=sc.static_graph,
+        find_unused_parameters=sc.find_unused,
+    )
+    opt = _optimizer(sc.opt, ddp.parameters(), sc.lr)
+    state = None if sc.dgc is None else dgc.register(ddp, opt, dgc.DGCConfig(**sc.dgc))
+    return module, ddp, opt, state
+
+
+def run_scenario(rank: int, world: int, sc: Scenario) -> dict:
+    """Train ``sc.steps`` steps; check the conservation invariant at every step when asked.
+
+    Returns final parameters, per-step averaged gradients, the last stats and any error message.
+    """
+    dtype = getattr(torch, sc.dtype)
+    module, ddp, opt, state = _setup(sc, dtype)
+    ref = copy.deepcopy(module)  # computes this rank's *local* gradient for the invariant
+    gen = torch.Generator().manual_seed(1000 + rank)
+    names = [n for n, _ in module.named_parameters()]
+    m = 0.0 if state is None else state.config.momentum
+    nesterov = False if state is None else state.config.nesterov
+    wd = 0.0 if state is None else state.config.weight_decay
+    sum_u = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in module.named_parameters()}
+    sum_sent = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in module.named_parameters()}
+    max_err, errors, grads_log, stats = 0.0, [], [], []
+    for step in range(sc.steps):
+        if sc.checkpoint_at is not None and step == sc.checkpoint_at:
+            buf = io.BytesIO()
+            torch.save(
+                {"model": module.state_dict(), "opt": opt.state_dict(), "dgc": state.state_dict()}, buf
+            )
+            buf.seek(0)
+            ckpt = torch.load(buf, weights_only=True)
+            module, ddp, opt, state = _setup(sc, dtype)
+            module.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["opt"])
+            state.load_state_dict(ckpt["dgc"])
+        batches = [_batch(sc.model, gen, dtype) for _ in range(sc.accumulate)]
+        # This rank's local gradient, from an identical non-DDP copy.
+        ref.load_state_dict(module.state_dict())
+        ref.zero_grad()
+        for x, y in batches:
+            nn.functional.mse_loss(ref(x), y).backward()
+        local = {n: p.grad.detach().float().clone() for n, p in ref.named_parameters() if p.grad is not None}
+        if sc.find_unused:
+            for n, p in ref.named_parameters():
+                local.setdefault(n, torch.zeros_like(p, dtype=torch.float32))
+        if wd:
+            for n, p in module.named_parameters():
+                local[n] += wd * p.detach().float()
+        u_prev = {}
+        if state is not None and state.memory[names[0]].momentum is not None:
+            u_prev = {n: state.memory[n].momentum.view(state.memory[n].shape).clone() for n in names}
+        opt.zero_grad()
+        failed = None
+        try:
+            for i, (x, y) in enumerate(batches):
+                if i < len(batches) - 1:
+                    with ddp.no_sync():
+                        nn.functional.mse_loss(ddp(x), y).backward()
+                    continue
+                if sc.nan_at == (step, rank):
+                    x = x.clone()
+                    x[0, 0] = float("nan")
+                nn.functional.mse_loss(ddp(x), y).backward()
+        except Exception as exc:  # noqa: BLE001 - recorded and checked by the test
+            failed = f"{type(exc).__name__}: {exc}"
+        grads = {
+            n: p.grad.detach().float().clone()
+            for n, p in module.named_parameters()
+            if p.grad is not None
+        }
+        if failed is None and not all(bool(torch.isfinite(g).all()) for g in grads.values()):
+            failed = "propagated"
+        if sc.check_invariant and state is not None:
+            nan_here = sc.nan_at == (step, rank)
+            for n in names:
+                g = local[n]
+                if nan_here:  # a non-finite local gradient never enters the state
+                    corrected = torch.zeros_like(g)
+                elif m:
+                    corrected = m * (u_prev[n] + g) + g if nesterov else m * u_prev[n] + g
+                else:
+                    corrected = g.clone()
+                dist.all_reduce(corrected)
+                sum_u[n] += corrected / world
+                if failed is None and n in grads:  # globally unused parameters get no gradient
+                    sum_sent[n] += grads[n]
+                v = state.memory[n].residual.view(state.memory[n].shape).clone()
+                dist.all_reduce(v)
+                err = (sum_sent[n] + v / world - sum_u[n]).abs().max().item()
+                scale = sum_u[n].abs().max().item() + 1e-6
+                max_err = max(max_err, err / scale)
+        grads_log.append(grads)
+        if state is not None:
+            stats.append(state.stats.to_dict())
+        if failed is not None:
+            errors.append(failed)
+            if failed != "propagated":
+                break  # DDP's reducer is not reusable after an exception inside backward
+            continue
+        opt.step()
+    return {
+        "params": {n: p.detach().float().clone() for n, p in module.named_parameters()},
+        "grads": grads_log,
+        "max_rel_err": max_err,
+        "errors": errors,
+        "stats": stats,
+        "residual_finite": state is None
+        or all(bool(torch.isfinite(mem.residual).all()) for mem in state.memory.values()),
+    }
