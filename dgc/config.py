@@ -92,6 +92,9 @@ class DGCConfig:
     seed: int = 0
     """Seed of the random sample offsets (mixed with the rank)."""
 
+    log_every: int = 100
+    """Rank 0 logs the compression statistics every this many communication steps (0 = off)."""
+
     def __post_init__(self) -> None:
         _check(0.0 < self.density <= 1.0, "density", self.density, "0 < density <= 1 (0.001 = 99.9% sparsity)")
         _check(0.0 <= self.momentum < 1.0, "momentum", self.momentum, "0 <= momentum < 1 (0 = top-k with error feedback)")
@@ -120,6 +123,7 @@ class DGCConfig:
             self.value_dtype = names[self.value_dtype]
         _check(self.value_dtype in WIRE_DTYPES, "value_dtype", self.value_dtype, f"one of {sorted(WIRE_DTYPES)}")
         _check(self.nonfinite in ("raise", "propagate"), "nonfinite", self.nonfinite, "'raise' or 'propagate'")
+        _check(_is_int(self.log_every) and self.log_every >= 0, "log_every", self.log_every, "an integer >= 0 (0 = off)")
         _check(self.backend in ("auto", "torch", "cupy"), "backend", self.backend, "'auto', 'torch' or 'cupy'")
 
     @property

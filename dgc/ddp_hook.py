@@ -109,7 +109,7 @@ def _sparse_allgather(
         elements=buffer.numel(),
         elements_sent=layout.pairs + layout.dense_numel,
     )
-    work = dist.all_gather_single(ws["gathered"], ws["message"], group=state.process_group, async_op=True)
+    work = _all_gather(ws["gathered"], ws["message"], state.process_group)
 
     def finish(fut: torch.futures.Future[list[Tensor]]) -> Tensor:
         everyone = MessageView.of(ws["gathered"], layout, n)
@@ -131,6 +131,12 @@ def _sparse_allgather(
         return buffer
 
     return work.get_future().then(finish)
+
+
+def _all_gather(out: Tensor, inp: Tensor, group: dist.ProcessGroup | None) -> dist.Work:
+    # all_gather_single (torch >= 2.10) replaces the deprecated all_gather_into_tensor.
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return gather(out, inp, group=group, async_op=True)
 
 
 def _undo(state: DGCState, layout: BucketLayout, mine: MessageView, dtype: torch.dtype) -> None:

@@ -214,7 +214,7 @@ class DGCState:
         k = self.k_for(name)
         if k == 0:
             raise ValueError(f"tensor {name!r} goes dense at step {self.step}: use compress_dense()")
-        mem = self.memory[name]
+        mem = self._memory_on(name, grad.device)
         compressor.preprocess(grad, self._param_for(name, param), self.config, self.world_size)
         return compressor.compress(
             mem,
@@ -232,7 +232,7 @@ class DGCState:
     ) -> Tensor:
         """Momentum-corrected, accumulated payload of a dense-path tensor (``out`` may alias ``grad``;
         default: a new tensor of the wire dtype).  Call :meth:`finish_dense` once the collective is done."""
-        mem = self.memory[name]
+        mem = self._memory_on(name, grad.device)
         compressor.preprocess(grad, self._param_for(name, param), self.config, self.world_size)
         if out is None:
             out = torch.empty(mem.numel, dtype=self.config.wire_dtype, device=mem.residual.device)
@@ -265,8 +265,26 @@ class DGCState:
         self.stats = self._pending
         self._pending = CompressionStats()
         self.step += 1
-        if self.step == self.config.dense_steps and self.rank == 0 and self.config.dense_steps:
-            log.info("DGC: dense warm-up over after %d steps, sparse from now on", self.step)
+        if self.rank != 0:
+            return
+        if self.step == self.config.dense_steps and self.config.dense_steps:
+            log.info("DGC: %d dense steps done, sparse from now on", self.step)
+        every = self.config.log_every
+        if every and self.step % every == 0:
+            s = self.stats
+            log.info(
+                "DGC step %d: density %.4g (achieved %.4g), sent %d B of %d B dense (%.1fx), "
+                "received %d B, %d sparse + %d dense buckets",
+                s.step,
+                s.density,
+                s.achieved_density,
+                s.bytes_sent,
+                s.dense_bytes,
+                s.compression_ratio,
+                s.bytes_received,
+                s.sparse_buckets,
+                s.dense_buckets,
+            )
 
     def record(self, *, sparse: bool, **figures: int) -> None:
         """Add a bucket's traffic to the current step's stats (``sparse``: it went through allgather)."""
@@ -275,6 +293,16 @@ class DGCState:
             self._pending.sparse_buckets += 1
         else:
             self._pending.dense_buckets += 1
+
+    def _memory_on(self, name: str, device: torch.device) -> TensorMemory:
+        """The tensor's memory, moved once to ``device`` if the model moved after the state was built."""
+        mem = self.memory[name]
+        if mem.residual.device != device:
+            mem.residual = mem.residual.to(device)
+            mem.momentum = None if mem.momentum is None else mem.momentum.to(device)
+            mem.mask = None if mem.mask is None else mem.mask.to(device)
+            self._workspace.clear()
+        return mem
 
     def _param_for(self, name: str, param: Tensor | None) -> Tensor | None:
         if param is not None or not self.config.weight_decay:

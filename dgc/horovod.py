@@ -1,0 +1,509 @@
+"""DGC for Horovod: a drop-in ``hvd.DistributedOptimizer`` that sends top-k pairs instead of gradients.
+
+A thin adapter around :mod:`dgc.compressor`, like the DDP hook: the same :class:`dgc.DGCState` methods
+compute the same thing, only the transport differs.  Per parameter, per step:
+
+    Step I    (gradient hook, as soon as the parameter's gradient is accumulated, on the last of
+              ``backward_passes_per_step`` passes) a tensor that goes sparse this step is compressed
+              with ``state.compress`` straight into a fixed-size byte message
+              ``[flags | k int32 indices | k values]`` (:mod:`dgc.wire`) and ``hvd.allgather_async``
+              is launched at once, overlapping the rest of the backward pass (the official DGC code does
+              the same).  A large tensor during the dense warm-up steps gets ``state.compress_dense`` and
+              an immediate ``hvd.allreduce_async_`` (average).  A small tensor (bias, norm) gets
+              ``state.compress_dense`` and waits for Step II;
+    Step II   (``synchronize()``) the small tensors are concatenated, per dtype, into ONE allreduce
+              (average); parameters whose hook never fired on this rank are launched with a zero
+              gradient, as Horovod does, so every rank submits the same collectives;
+    Step III  (``synchronize()``) wait for everything; ``state.decompress`` scatter-adds the N workers'
+              pairs into ``p.grad`` (the average); dense payloads clear their residual
+              (``state.finish_dense``); ``state.end_step()`` advances the density schedule;
+    Step IV   ``step()`` applies ``p.grad`` with the wrapped optimizer, which must not apply momentum
+              again (checked with :func:`dgc.check_optimizer`).
+
+Horovod's semantics are kept: ``synchronize()`` / ``skip_synchronize()`` (for gradient clipping or
+``torch.amp.GradScaler``), ``backward_passes_per_step`` (local accumulation), and the error when
+``zero_grad()`` is called between ``backward()`` and ``step()``.  ``state_dict()`` carries the DGC state
+(momentum, residual, step) under the key ``"dgc"``; each rank saves its own, since residuals differ.
+
+Horovod is imported when this module is imported, never by ``import dgc``.  Install it with
+``bash launch/install_horovod.sh`` (Horovod 0.28.1 patched for PyTorch 2.x).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .config import DGCConfig
+from .optim import check_optimizer
+from .state import DGCState
+from .wire import FLAG_NONFINITE, BucketLayout, MessageView
+
+try:
+    import horovod.torch as hvd
+except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
+    raise ImportError(
+        "dgc.horovod needs Horovod with PyTorch support, which failed to import "
+        f"({type(exc).__name__}: {exc}). Install it into this environment with "
+        "`bash launch/install_horovod.sh` (it builds Horovod 0.28.1 patched for PyTorch 2.x; "
+        "see docs/horovod.md)."
+    ) from exc
+
+__all__ = ["DistributedOptimizer", "HorovodDGCState"]
+
+log = logging.getLogger(__name__)
+
+
+class HorovodDGCState(DGCState):
+    """:class:`dgc.DGCState` whose world size and rank are Horovod's (a process set's).
+
+    Only the topology differs; everything DGC keeps (momentum, residual, step, masks, stats) and every
+    per-tensor method are the core's.  ``process_set`` None means Horovod's global process set.
+    """
+
+    def __init__(
+        self,
+        config: DGCConfig | None = None,
+        named_parameters: Iterable[tuple[str, Tensor]] = (),
+        process_set: Any = None,
+    ) -> None:
+        if not hvd.is_initialized():
+            raise RuntimeError(
+                "dgc.horovod: Horovod is not initialized; call hvd.init() before building the "
+                "DGC optimizer (the DGC state needs the rank and world size)."
+            )
+        self.process_set = process_set  # set first: DGCState.__init__ reads self.rank
+        super().__init__(config, named_parameters, None)
+
+    @property
+    def _set(self) -> Any:
+        return hvd.global_process_set if self.process_set is None else self.process_set
+
+    @property
+    def world_size(self) -> int:
+        return self._set.size()
+
+    @property
+    def rank(self) -> int:
+        return self._set.rank()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["process_set"] = None  # reattached by whoever unpickles it
+        return state
+
+
+@dataclass(kw_only=True, slots=True)
+class _Sparse:
+    """A compressed tensor in flight: its allgather and this worker's own message."""
+
+    name: str
+    layout: BucketLayout
+    message: Tensor
+    handle: int
+    finite: bool
+
+
+@dataclass(kw_only=True, slots=True)
+class _Dense:
+    """A dense-path tensor: momentum-corrected payload in ``p.grad``, its allreduce (or None: grouped)."""
+
+    name: str
+    finite: bool
+    handle: int | None = None
+
+
+@dataclass(kw_only=True, slots=True)
+class _Group:
+    """Small dense tensors of one dtype sent together in one allreduce."""
+
+    params: list[Tensor] = field(default_factory=list)
+    buffer: Tensor | None = None
+    handle: int | None = None
+
+
+class _DGCDistributedOptimizer(torch.optim.Optimizer):
+    """Methods mixed into the user's optimizer class by :func:`DistributedOptimizer` (not used alone)."""
+
+    # ------------------------------------------------------------------ construction
+    def _dgc_setup(
+        self,
+        named_parameters: list[tuple[str, Tensor]],
+        config: DGCConfig,
+        backward_passes_per_step: int,
+        process_set: Any,
+    ) -> None:
+        self._dgc = HorovodDGCState(config, named_parameters, process_set)
+        self._process_set = hvd.global_process_set if process_set is None else process_set
+        self._names: dict[Tensor, str] = {p: n for n, p in named_parameters}
+        self.backward_passes_per_step = backward_passes_per_step
+        self._delay: dict[Tensor, int] = {}
+        # p -> None (hook fired on an accumulation pass) or what is in flight for it.
+        self._handles: dict[Tensor, _Sparse | _Dense | None] = {}
+        self._groups: dict[torch.dtype, _Group] = {}
+        self._messages: dict[BucketLayout, Tensor] = {}
+        self._synchronized = False
+        self._should_synchronize = True
+        self._requires_update: list[Tensor] = []
+        self._hook_handles = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    self._requires_update.append(p)
+                    self._delay[p] = backward_passes_per_step
+                    self._hook_handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
+
+    @property
+    def dgc_state(self) -> HorovodDGCState:
+        """The DGC state (momentum, residual, ``step``, ``stats``, ``set_masks``)."""
+        return self._dgc
+
+    def set_backward_passes_per_step(self, passes: int) -> None:
+        _check_passes(passes)
+        self.backward_passes_per_step = passes
+        for p in self._delay:
+            self._delay[p] = passes
+
+    # ------------------------------------------------------------------ Step I: the gradient hook
+    def _on_grad(self, p: Tensor) -> None:
+        if self._handles.get(p) is not None and self._delay[p] <= 0:
+            raise AssertionError(
+                "Gradients were computed more than backward_passes_per_step times before call "
+                "to step(). Increase backward_passes_per_step to accumulate gradients locally."
+            )
+        self._delay[p] -= 1
+        self._handles[p] = self._launch(p) if self._delay[p] == 0 else None
+
+    def _launch(self, p: Tensor) -> _Sparse | _Dense:
+        state, name, n = self._dgc, self._names[p], self._dgc.world_size
+        grad = p.grad
+        if grad.is_sparse:
+            raise TypeError(
+                f"dgc.horovod: parameter {name!r} has a sparse gradient (nn.Embedding(sparse=True)); "
+                "DGC needs dense gradients: use sparse=False."
+            )
+        finite = not state.config.check_finite or bool(torch.isfinite(grad.sum(dtype=torch.float32)))
+        if state.is_compressed(name):
+            layout = state.layout_for([p], grad.device)
+            message = self._message(layout, grad.device)
+            mine = MessageView.of(message, layout)
+            mine.flags.fill_(0 if finite else FLAG_NONFINITE)
+            if finite:
+                state.compress(name, grad, param=p, out_indices=mine.indices, out_values=mine.values)
+            else:  # the others ignore this message; keep its size so nothing else changes
+                mine.indices.zero_()
+                mine.values.zero_()
+            state.record(
+                sparse=True,
+                sent=layout.message_bytes,
+                received=n * layout.message_bytes,
+                dense=grad.numel() * grad.element_size(),
+                elements=grad.numel(),
+                elements_sent=layout.pairs,
+            )
+            handle = hvd.allgather_async(message, name=f"dgc.{name}", process_set=self._process_set)
+            return _Sparse(name=name, layout=layout, message=message, handle=handle, finite=finite)
+        if finite:  # momentum-corrected payload, in place in p.grad (as the DDP hook does)
+            state.compress_dense(name, grad, param=p, out=grad)
+        if state.memory[name].compressed:  # a large tensor during the dense warm-up: send it now
+            state.record(
+                sparse=False,
+                sent=grad.numel() * grad.element_size(),
+                received=grad.numel() * grad.element_size(),
+                dense=grad.numel() * grad.element_size(),
+                elements=grad.numel(),
+                elements_sent=grad.numel(),
+            )
+            handle = hvd.allreduce_async_(
+                grad, name=f"dgc.dense.{name}", op=hvd.Average, process_set=self._process_set
+            )
+            return _Dense(name=name, finite=finite, handle=handle)
+        return _Dense(name=name, finite=finite)  # grouped in synchronize()
+
+    def _message(self, layout: BucketLayout, device: torch.device) -> Tensor:
+        # Reusable: Horovod has read a message by the time synchronize() returns.
+        msg = self._messages.get(layout)
+        if msg is None or msg.device != device:
+            msg = torch.zeros(layout.message_bytes, dtype=torch.uint8, device=device)
+            self._messages[layout] = msg
+        return msg
+
+    # ------------------------------------------------------------------ Steps II-III
+    def synchronize(self) -> None:
+        """Finish this step's communication: afterwards ``p.grad`` holds the DGC average."""
+        if not self._process_set.included():
+            self._synchronized = True
+            return
+        state = self._dgc
+        # Every rank must submit the same collectives: parameters without a gradient here send zeros,
+        # and a synchronize() before the last accumulation pass sends what has accumulated.
+        for p in self._requires_update:
+            if self._handles.get(p) is None:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                self._handles[p] = self._launch(p)
+        # Step II: one allreduce per dtype for the small dense tensors, in a rank-independent order.
+        groups: dict[torch.dtype, list[Tensor]] = {}
+        for p in sorted(self._handles, key=self._names.__getitem__):
+            entry = self._handles[p]
+            if isinstance(entry, _Dense) and entry.handle is None:
+                groups.setdefault(p.grad.dtype, []).append(p)
+        launched: list[tuple[list[Tensor], Tensor, int]] = []
+        for dtype, params in sorted(groups.items(), key=lambda kv: str(kv[0])):
+            buf = torch.cat([p.grad.reshape(-1) for p in params])
+            state.record(
+                sparse=False,
+                sent=buf.numel() * buf.element_size(),
+                received=buf.numel() * buf.element_size(),
+                dense=buf.numel() * buf.element_size(),
+                elements=buf.numel(),
+                elements_sent=buf.numel(),
+            )
+            handle = hvd.allreduce_async_(
+                buf, name=f"dgc.group.{dtype}", op=hvd.Average, process_set=self._process_set
+            )
+            launched.append((params, buf, handle))
+        # Step III: wait, unpack, clear what was delivered from the residuals.
+        n = state.world_size
+        failed: list[str] = []
+        for p, entry in self._handles.items():
+            if isinstance(entry, _Sparse):
+                if not self._finish_sparse(p, entry, n):
+                    failed.append(entry.name)
+            elif isinstance(entry, _Dense) and entry.handle is not None:
+                hvd.synchronize(entry.handle)  # in place into p.grad
+                if not self._finish_dense(p.grad, entry):
+                    failed.append(entry.name)
+        for params, buf, handle in launched:
+            hvd.synchronize(handle)
+            offset = 0
+            for p in params:
+                chunk = buf[offset : offset + p.numel()]
+                offset += p.numel()
+                p.grad.copy_(chunk.view_as(p.grad))
+                if not self._finish_dense(chunk, self._handles[p]):
+                    failed.append(self._names[p])
+        for p in self._delay:
+            self._delay[p] = self.backward_passes_per_step
+        self._handles.clear()
+        step = state.step
+        state.end_step()
+        self._synchronized = True
+        if failed:
+            self._nonfinite(failed, step)
+
+    def _finish_sparse(self, p: Tensor, entry: _Sparse, n: int) -> bool:
+        state = self._dgc
+        gathered = hvd.synchronize(entry.handle)
+        everyone = MessageView.of(gathered, entry.layout, n)
+        if bool((everyone.flags & FLAG_NONFINITE).any()):
+            if entry.finite:  # another worker failed: put this worker's pairs back into v
+                mine = MessageView.of(entry.message, entry.layout)
+                state.restore(entry.name, mine.indices.long(), mine.values)
+            p.grad.fill_(float("nan"))
+            return False
+        avg = state.decompress(
+            entry.name, everyone.indices.reshape(-1), everyone.values.reshape(-1), n
+        )
+        p.grad.copy_(avg.view_as(p.grad))
+        return True
+
+    def _finish_dense(self, result: Tensor, entry: _Sparse | _Dense | None) -> bool:
+        state = self._dgc
+        assert isinstance(entry, _Dense)
+        delivered = not state.config.check_finite or bool(
+            torch.isfinite(result.sum(dtype=torch.float32))
+        )
+        if entry.finite:
+            state.finish_dense(entry.name, result.dtype, delivered)
+        return delivered
+
+    def _nonfinite(self, names: list[str], step: int) -> None:
+        shown = ", ".join(names[:4]) + (" ..." if len(names) > 4 else "")
+        if self._dgc.config.nonfinite == "raise":
+            raise FloatingPointError(
+                f"DGC: non-finite gradient in [{shown}] at step {step} on some worker. No update "
+                "was applied to them and every residual was kept. Lower the learning rate or clip "
+                "gradients, or set DGCConfig(nonfinite='propagate') to hand NaN to "
+                "torch.amp.GradScaler."
+            )
+        # "propagate": p.grad of the affected tensors is NaN, so GradScaler skips the step.
+
+    @contextmanager
+    def skip_synchronize(self) -> Iterator[None]:
+        """``step()`` inside this block does not synchronize (call ``synchronize()`` first)::
+
+            optimizer.synchronize()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            with optimizer.skip_synchronize():
+                optimizer.step()
+        """
+        self._should_synchronize = False
+        try:
+            yield
+        finally:
+            self._should_synchronize = True
+
+    # ------------------------------------------------------------------ Step IV
+    def step(self, closure=None):  # noqa: ANN001 - torch.optim signature
+        if self._should_synchronize:
+            if self._synchronized:
+                warnings.warn(
+                    "optimizer.step() called without optimizer.skip_synchronize() context after "
+                    "optimizer.synchronize(). This can cause training slowdown. You may want to "
+                    "consider using optimizer.skip_synchronize() context if you use "
+                    "optimizer.synchronize() in your code.",
+                    stacklevel=2,
+                )
+            self.synchronize()
+        self._synchronized = False
+        return super(self.__class__, self).step(closure)
+
+    # Tell torch.optim not to wrap this step() with its profiler/step hooks: the wrapped optimizer's
+    # own step() (called above) already runs them, exactly once.
+    step.hooked = True  # type: ignore[attr-defined]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if self._handles:
+            raise AssertionError(
+                "optimizer.zero_grad() was called after loss.backward() but before "
+                "optimizer.step() or optimizer.synchronize(). This is prohibited as it can cause "
+                "a race condition (and here it would also drop gradients already folded into the "
+                "DGC residual)."
+            )
+        return super(self.__class__, self).zero_grad(set_to_none)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state dict plus ``"dgc"``: this rank's DGC state."""
+        sd = super(self.__class__, self).state_dict()
+        sd["dgc"] = self._dgc.state_dict()
+        return sd
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; a dict without ``"dgc"`` (a plain optimizer's) keeps the
+        current DGC state."""
+        sd = dict(state_dict)
+        dgc_sd = sd.pop("dgc", None)
+        self._handles.clear()
+        self._synchronized = False
+        self._should_synchronize = True
+        for p in self._delay:
+            self._delay[p] = self.backward_passes_per_step
+        super(self.__class__, self).load_state_dict(sd)
+        if dgc_sd is not None:
+            self._dgc.load_state_dict(dgc_sd)
+
+
+def DistributedOptimizer(  # noqa: N802 - named like hvd.DistributedOptimizer on purpose
+    optimizer: torch.optim.Optimizer,
+    named_parameters: Iterable[tuple[str, Tensor]] | None = None,
+    config: DGCConfig | None = None,
+    backward_passes_per_step: int = 1,
+    process_set: Any = None,
+) -> torch.optim.Optimizer:
+    """Wrap ``optimizer`` so that ``step()`` applies the DGC average of all workers' gradients.
+
+    Use it where you would use ``hvd.DistributedOptimizer``::
+
+        hvd.init()
+        optimizer = dgc.DGCSGD(model.parameters(), lr=0.1)        # no momentum: DGC applies it
+        optimizer = dgc.horovod.DistributedOptimizer(
+            optimizer, model.named_parameters(), config=dgc.DGCConfig(density=0.001))
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+
+    Args:
+        optimizer: the local optimizer (its class is extended, as Horovod does; do not use the
+            original object afterwards).  With ``config.momentum > 0`` it must not apply momentum
+            (:func:`dgc.check_optimizer` raises otherwise): use :class:`dgc.DGCSGD`.
+        named_parameters: ``model.named_parameters()``; names key the DGC state and the Horovod
+            collectives, so they must be the same on every rank.  None: generated from the
+            optimizer's parameter order.
+        config: :class:`dgc.DGCConfig` (None: the defaults).
+        backward_passes_per_step: backward passes accumulated locally before communicating (>= 1).
+        process_set: a Horovod process set to reduce over (None: all processes).
+
+    The result is an instance of the optimizer's own class (so LR schedulers and ``isinstance``
+    work) with Horovod's ``synchronize()``, ``skip_synchronize()``, ``set_backward_passes_per_step``
+    and a ``dgc_state`` property.
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"dgc.horovod.DistributedOptimizer wraps a torch.optim.Optimizer, got "
+            f"{type(optimizer).__name__}."
+        )
+    if hasattr(optimizer, "_dgc"):
+        raise TypeError("this optimizer is already a dgc.horovod.DistributedOptimizer")
+    if config is None:
+        config = DGCConfig()
+    if not isinstance(config, DGCConfig):
+        raise TypeError(f"config must be a dgc.DGCConfig, got {type(config).__name__}")
+    _check_passes(backward_passes_per_step)
+    check_optimizer(optimizer, config)
+    named = _named_parameters(optimizer, named_parameters)
+
+    # Like hvd.DistributedOptimizer: a new class deriving from the optimizer's own, so step() runs
+    # the wrapped optimizer's update after synchronizing.  The instance takes over the optimizer's
+    # attributes (param_groups, state, defaults, hooks) instead of re-running its __init__.
+    cls = type(
+        optimizer.__class__.__name__,
+        (optimizer.__class__,),
+        dict(_DGCDistributedOptimizer.__dict__),
+    )
+    wrapped = cls.__new__(cls)
+    wrapped.__dict__.update(optimizer.__dict__)
+    wrapped._dgc_setup(named, config, backward_passes_per_step, process_set)
+    state = wrapped.dgc_state
+    if state.rank == 0:
+        total = sum(m.numel for m in state.memory.values())
+        sparse = sum(m.numel for m in state.memory.values() if m.compressed)
+        log.info(
+            "DGC (Horovod, %d workers): %d tensors, %d elements (%.1f%% compressible), config %s",
+            state.world_size,
+            len(state.memory),
+            total,
+            100.0 * sparse / max(total, 1),
+            config,
+        )
+    return wrapped
+
+
+def _check_passes(passes: object) -> None:
+    if not isinstance(passes, int) or isinstance(passes, bool) or passes < 1:
+        raise ValueError(
+            f"backward_passes_per_step = {passes!r} is invalid: it must be an integer >= 1 "
+            "(1 = communicate after every backward pass)."
+        )
+
+
+def _named_parameters(
+    optimizer: torch.optim.Optimizer, named_parameters: Iterable[tuple[str, Tensor]] | None
+) -> list[tuple[str, Tensor]]:
+    if named_parameters is None:
+        return [
+            (f"param.{i}.{j}", p)
+            for i, group in enumerate(optimizer.param_groups)
+            for j, p in enumerate(group["params"])
+        ]
+    named = list(named_parameters)
+    if any(not (isinstance(t, tuple) and len(t) == 2) for t in named):
+        raise TypeError(
+            "named_parameters must be (name, parameter) pairs, as model.named_parameters() gives."
+        )
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    named_ids = {id(p) for _, p in named}
+    if in_optimizer - named_ids:
+        raise ValueError(
+            f"{len(in_optimizer - named_ids)} parameter(s) of the optimizer are not in "
+            "named_parameters: pass model.named_parameters() of the model the optimizer trains."
+        )
+    # Parameters the optimizer does not train (frozen or elsewhere) need no DGC state.
+    return [(n, p) for n, p in named if id(p) in in_optimizer]
+
