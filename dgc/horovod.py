@@ -35,7 +35,7 @@ import logging
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -120,15 +120,6 @@ class _Dense:
     handle: int | None = None
 
 
-@dataclass(kw_only=True, slots=True)
-class _Group:
-    """Small dense tensors of one dtype sent together in one allreduce."""
-
-    params: list[Tensor] = field(default_factory=list)
-    buffer: Tensor | None = None
-    handle: int | None = None
-
-
 class _DGCDistributedOptimizer(torch.optim.Optimizer):
     """Methods mixed into the user's optimizer class by :func:`DistributedOptimizer` (not used alone)."""
 
@@ -147,7 +138,6 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
         self._delay: dict[Tensor, int] = {}
         # p -> None (hook fired on an accumulation pass) or what is in flight for it.
         self._handles: dict[Tensor, _Sparse | _Dense | None] = {}
-        self._groups: dict[torch.dtype, _Group] = {}
         self._messages: dict[BucketLayout, Tensor] = {}
         self._synchronized = False
         self._should_synchronize = True
@@ -315,9 +305,8 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
         p.grad.copy_(avg.view_as(p.grad))
         return True
 
-    def _finish_dense(self, result: Tensor, entry: _Sparse | _Dense | None) -> bool:
+    def _finish_dense(self, result: Tensor, entry: _Dense) -> bool:
         state = self._dgc
-        assert isinstance(entry, _Dense)
         delivered = not state.config.check_finite or bool(
             torch.isfinite(result.sum(dtype=torch.float32))
         )
