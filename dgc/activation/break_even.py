@@ -1,8 +1,8 @@
 """Measure where ``SparseInputLinear``'s sparse path starts to beat the dense ``nn.Linear``.
 
-Times forward + backward of both paths on random inputs whose first ``s * in`` features are
-zero across the batch, for increasing feature sparsity ``s``, and reports the first ``s``
-from which the sparse path is faster (median of ``repeats`` timings per point).
+Times forward + backward of both paths on ReLU-like random inputs of which a fraction ``s``
+of the features is zero across the batch, for increasing ``s``, and reports the sparsity from
+which the sparse path is faster.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dgc.activation.sparse_linear import sparse_input_linear
+from dgc.activation.sparse_linear import active_features, sparse_input_linear
 
 __all__ = ["BreakEven", "measure_break_even", "sparse_input", "time_fwd_bwd"]
 
@@ -31,8 +31,11 @@ class BreakEven:
     """Median seconds of dense forward+backward per sparsity."""
     sparse_s: list[float] = field(default_factory=list)
     """Median seconds of the sparse path per sparsity."""
+    speedup: list[float] = field(default_factory=list)
+    """Median of the per-pair ratios dense / sparse, per sparsity."""
     break_even: float = 1.0
-    """Lowest measured sparsity from which the sparse path is faster (1.0: never)."""
+    """Lowest measured sparsity from which the sparse path is faster at every measured
+    sparsity (1.0: never)."""
 
 
 def _sync(device: torch.device) -> None:
@@ -52,21 +55,23 @@ def sparse_input(batch: int, in_features: int, sparsity: float, *, device: Any =
     return x.to(device=device, dtype=dtype)
 
 
+def _fwd_bwd_seconds(fn: Any, x: Tensor, weight: Tensor, bias: Tensor) -> float:
+    for t in (x, weight, bias):
+        t.grad = None
+    _sync(x.device)
+    t0 = time.perf_counter()
+    fn(x, weight, bias).backward(torch.ones(x.shape[0], weight.shape[0], device=x.device,
+                                            dtype=x.dtype))
+    _sync(x.device)
+    return time.perf_counter() - t0
+
+
 def time_fwd_bwd(fn: Any, x: Tensor, weight: Tensor, bias: Tensor, *, repeats: int,
                  warmup: int = 1) -> float:
-    """Median seconds of ``fn(x, weight, bias).sum().backward()``."""
-    times = []
-    for i in range(warmup + repeats):
-        for t in (x, weight, bias):
-            t.grad = None
-        _sync(x.device)
-        t0 = time.perf_counter()
-        fn(x, weight, bias).backward(torch.ones(x.shape[0], weight.shape[0], device=x.device,
-                                                dtype=x.dtype))
-        _sync(x.device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds of ``fn(x, weight, bias)`` forward + backward."""
+    for _ in range(warmup):
+        _fwd_bwd_seconds(fn, x, weight, bias)
+    return statistics.median(_fwd_bwd_seconds(fn, x, weight, bias) for _ in range(repeats))
 
 
 def measure_break_even(
@@ -81,7 +86,13 @@ def measure_break_even(
     repeats: int = 3,
     input_requires_grad: bool = True,
 ) -> BreakEven:
-    """Time dense vs sparse forward+backward and return the break-even sparsity."""
+    """Time dense vs sparse forward+backward and return the break-even sparsity.
+
+    Dense and sparse runs alternate, and each sparsity's speed-up is the median of the
+    per-pair ratios, so load from other processes hits both sides alike. The break-even is
+    the lowest measured sparsity from which the sparse path wins at every higher measured
+    sparsity too (one lucky point does not count).
+    """
     device = torch.device(device)
     g = torch.Generator().manual_seed(0)
     weight = (torch.randn(out_features, in_features, generator=g) / in_features**0.5).to(
@@ -93,17 +104,22 @@ def measure_break_even(
         return F.linear(x, w, b)
 
     def sparse(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
-        with torch.no_grad():
-            idx = (x.abs().amax(dim=0) != 0).nonzero().squeeze(1)
+        idx = active_features(x)
         return sparse_input_linear(x, w, b, idx, input_grad=input_grad)  # type: ignore[arg-type]
 
     for s in sparsities:
         x = sparse_input(batch, in_features, s, device=device, dtype=dtype)
         x.requires_grad_(input_requires_grad)
-        result.dense_s.append(time_fwd_bwd(dense, x, weight, bias, repeats=repeats))
-        result.sparse_s.append(time_fwd_bwd(sparse, x, weight, bias, repeats=repeats))
-    for s, d, sp in zip(result.sparsities, result.dense_s, result.sparse_s, strict=True):
-        if sp < d:
-            result.break_even = s
+        _fwd_bwd_seconds(dense, x, weight, bias)  # warm-up
+        _fwd_bwd_seconds(sparse, x, weight, bias)
+        pairs = [(_fwd_bwd_seconds(dense, x, weight, bias),
+                  _fwd_bwd_seconds(sparse, x, weight, bias)) for _ in range(repeats)]
+        result.dense_s.append(statistics.median(d for d, _ in pairs))
+        result.sparse_s.append(statistics.median(sp for _, sp in pairs))
+        result.speedup.append(statistics.median(d / sp for d, sp in pairs))
+    result.break_even = 1.0
+    for s, speedup in zip(reversed(result.sparsities), reversed(result.speedup), strict=True):
+        if speedup <= 1.0:
             break
+        result.break_even = s
     return result

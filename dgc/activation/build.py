@@ -31,6 +31,7 @@ def build_activation(
     topk_relu: bool = True,
     topk_include: Sequence[str] | None = None,
     topk_exclude: Sequence[str] = (),
+    topk_before_linear_only: bool = False,
     sparse_linear: bool = False,
     input_grad: Literal["auto", "full", "active"] = "auto",
     min_sparsity: float | Literal["auto"] | None = None,
@@ -45,6 +46,8 @@ def build_activation(
             ``TopKActivation(topk)`` (int count or float fraction of features).
         topk_per / topk_relu: ``TopKActivation``'s ``per`` and ``relu``.
         topk_include / topk_exclude: regexes on the names of the ReLU modules to replace.
+        topk_before_linear_only: replace only the ReLUs that feed an ``nn.Linear`` (in an
+            ``nn.Sequential``), e.g. to leave convolutional feature maps alone.
         sparse_linear: replace ``nn.Linear`` layers by ``SparseInputLinear``.
         input_grad / min_sparsity: passed to ``convert_to_sparse_input``.
         linear_include / linear_exclude: regexes on the names of the linear layers.
@@ -52,7 +55,8 @@ def build_activation(
     """
     if topk is not None:
         replace_activations(model, topk_factory(topk, topk_per, topk_relu),
-                            include=topk_include, exclude=tuple(topk_exclude))
+                            include=topk_include, exclude=tuple(topk_exclude),
+                            before_linear_only=topk_before_linear_only)
     if sparse_linear:
         convert_to_sparse_input(
             model, input_grad=input_grad, min_sparsity=min_sparsity,

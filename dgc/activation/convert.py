@@ -49,6 +49,21 @@ def _safe_for_active(parent: nn.Module, child_name: str) -> bool:
     return False
 
 
+def _feeds_linear(parent: nn.Module, child_name: str) -> bool:
+    """In a Sequential, does this child's output reach an ``nn.Linear`` next (through
+    Flatten/Dropout/Identity)?"""
+    if not isinstance(parent, nn.Sequential):
+        return False
+    names = list(parent._modules)
+    for name in names[names.index(child_name) + 1:]:
+        nxt = parent._modules[name]
+        if isinstance(nxt, nn.Linear):
+            return True
+        if not isinstance(nxt, _PASS_THROUGH):
+            return False
+    return False
+
+
 def _named_children_recursive(model: nn.Module) -> Iterable[tuple[str, nn.Module, str,
                                                                   nn.Module]]:
     """(full name, parent, attribute name, child) for every submodule, parents first."""
@@ -103,14 +118,19 @@ def replace_activations(
     types: tuple[type[nn.Module], ...] = (nn.ReLU,),
     include: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
+    before_linear_only: bool = False,
 ) -> list[str]:
     """Replace every submodule of ``types`` by ``factory(old_module)``, in place.
 
     Only module activations are found; ``F.relu`` calls inside ``forward`` are not.
+    ``before_linear_only`` restricts the replacement to activations that feed an
+    ``nn.Linear`` in an ``nn.Sequential`` (where batch-wide zeros become speed).
     Returns the names of the replaced modules.
     """
     replaced = []
     for full, parent, attr, child in _named_children_recursive(model):
+        if before_linear_only and not _feeds_linear(parent, attr):
+            continue
         if isinstance(child, types) and _matches(full, include, list(exclude)):
             setattr(parent, attr, factory(child))
             replaced.append(full)

@@ -22,8 +22,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from dgc.activation.sparse_linear import SparseInputLinear
 from dgc.activation.topk import TopKActivation
+from dgc.pruning.pruner import unwrap_model
 
 __all__ = ["DEFAULT_ACTIVATIONS", "ActivationMonitor", "LayerActivationStats"]
 
@@ -63,7 +63,7 @@ class ActivationMonitor:
         model: the model (or its DDP wrapper; names come from the unwrapped model).
         activation_types: modules whose output is measured.
         measure_linear_inputs: also measure the inputs of ``nn.Linear`` layers (including
-            ``SparseInputLinear``), with their batch-wide feature sparsity.
+            ``SparseInputLinear``, a subclass), with their batch-wide feature sparsity.
         every: measure one forward pass in ``every`` (1 = all).
         training_only: ignore passes with the module in eval mode.
     """
@@ -79,8 +79,6 @@ class ActivationMonitor:
     ) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"act.every must be an int >= 1 (1 = every pass), got {every!r}")
-        from dgc.pruning.pruner import unwrap_model
-
         self.every = every
         self.training_only = training_only
         self._counters: dict[str, _Counter] = {}
@@ -90,7 +88,7 @@ class ActivationMonitor:
         for name, module in unwrap_model(model).named_modules():
             if isinstance(module, act_types):
                 self._add(name, module, output=True)
-            elif measure_linear_inputs and isinstance(module, nn.Linear | SparseInputLinear):
+            elif measure_linear_inputs and isinstance(module, nn.Linear):
                 self._add(f"{name} (input)", module, output=False)
 
     def _add(self, key: str, module: nn.Module, *, output: bool) -> None:

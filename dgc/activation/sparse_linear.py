@@ -38,7 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DEFAULT_MIN_SPARSITY", "SparseInputLinear", "sparse_input_linear"]
+__all__ = [
+    "DEFAULT_MIN_SPARSITY",
+    "SparseInputLinear",
+    "active_features",
+    "sparse_input_linear",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +51,30 @@ InputGrad = Literal["full", "active"]
 
 #: Default break-even feature sparsity per input-gradient mode (measured on CPU, batch 512,
 #: 2048x2048; see docs/sparsity.md). Below it the dense path is faster.
-DEFAULT_MIN_SPARSITY: dict[str, float] = {"active": 0.2, "full": 0.3}
+DEFAULT_MIN_SPARSITY: dict[str, float] = {"active": 0.25, "full": 0.3}
 
 # (device type, dtype, batch, in, out, input_grad) -> measured break-even, for "auto".
 _BREAK_EVEN_CACHE: dict[tuple[Any, ...], float] = {}
+
+
+@torch.no_grad()
+def active_features(x: Tensor) -> Tensor:
+    """Sorted indices of the columns of a 2-D ``x`` with a nonzero entry (NaN counts).
+
+    Column max and min: about 4x cheaper on CPU than ``(x != 0).any(0)``, which materializes
+    a bool copy of x, and than ``torch.aminmax``.
+    """
+    return ((x.amax(dim=0) != 0) | (x.amin(dim=0) != 0)).nonzero().squeeze(1)
+
+
+def _scatter_columns(values: Tensor, idx: Tensor, columns: int) -> Tensor:
+    """A zero ``(rows, columns)`` tensor with ``values`` (rows, k) in the columns ``idx``.
+
+    ``scatter_`` with an expanded (stride-0) index: up to 3x faster on CPU than
+    ``index_copy_`` along dim 1 for large k.
+    """
+    out = values.new_zeros(values.shape[0], columns)
+    return out.scatter_(1, idx.expand(values.shape[0], -1), values)
 
 
 class _SparseInputLinearFn(torch.autograd.Function):
@@ -75,9 +100,9 @@ class _SparseInputLinearFn(torch.autograd.Function):
             if ctx.full_input_grad:
                 gx = gy @ weight
             else:
-                gx = gy.new_zeros(ctx.x_shape).index_copy_(1, idx, gy @ ws)
+                gx = _scatter_columns(gy @ ws, idx, ctx.x_shape[1])
         if ctx.needs_input_grad[1]:
-            gw = gy.new_zeros(ws.shape[0], ctx.x_shape[1]).index_copy_(1, idx, gy.t() @ xs)
+            gw = _scatter_columns(gy.t() @ xs, idx, ctx.x_shape[1])
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = gy.sum(0)
         return gx, gw, gb, None, None
@@ -165,9 +190,7 @@ class SparseInputLinear(nn.Linear):
         if n == 0:
             self.last_sparse = False
             return F.linear(x, self.weight, self.bias)
-        with torch.no_grad():
-            # max |x| over the batch: 4x cheaper than (x != 0).any(0) on CPU; NaN stays active.
-            idx = (x2.abs().amax(dim=0) != 0).nonzero().squeeze(1)
+        idx = active_features(x2)
         sparsity = 1.0 - idx.numel() / self.in_features
         self.last_feature_sparsity = sparsity
         threshold = self.threshold(n, x)

@@ -306,7 +306,12 @@ class Pruner:
         if target > 0:
             self.update_masks(target)
             return True
-        if first:
+        if first:  # enforce (and share) the masks the model came with, e.g. from a checkpoint
+            if self.sync_masks:
+                with torch.no_grad():
+                    synced = self._broadcast(self.masks)
+                    for t in self.targets:
+                        t.mask.copy_(synced[t.name])
             self._masks_changed()
         return False
 
