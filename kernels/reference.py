@@ -7,18 +7,36 @@ threshold is only ever used to find a candidate set that provably contains that 
 
 How the selection is fast on a CPU
 ----------------------------------
-A straightforward ``(x.abs() >= thr).nonzero()`` costs about 2x ``x.clone()`` on a 25M-element tensor,
-mostly in ``nonzero`` over 25M booleans.  Instead we work in cache-sized chunks and keep one number per
-block of :data:`BLOCK` elements, the block's largest magnitude (``block_max``).  Every entry with
+A straightforward ``(x.abs() >= thr).nonzero()`` costs about 2x ``x.clone()`` on a 25M-element tensor:
+a 100 MB temporary (fresh pages from the kernel, every call) and a ``nonzero`` over 25M booleans.
+Instead we work in cache-sized chunks (:data:`CHUNK`) with a reused scratch buffer and keep one number
+per block of :data:`BLOCK` elements, the block's largest magnitude (``block_max``).  Every entry with
 ``|x| >= thr`` lies in a block whose maximum is ``>= thr``, so the candidates are found by a ``nonzero``
 over ``numel / BLOCK`` block maxima and a gather of those few blocks.  The same block maxima give an exact
 threshold for free: the k-th largest block maximum ``T`` has at least ``k`` entries with ``|x| >= T``
 (one in each of the top-k blocks), so ``T`` is a valid threshold that needs no retry.
+:func:`compress_step` computes the block maxima inside its one chunked pass over the state, while the
+chunk is still in cache, so the selection reads no more than the 1% sample and the candidate blocks.
+
+Every operation works on less than ATen's parallel grain (32768 elements), so it runs serially in its
+thread; the passes are split among ``torch.get_num_threads()`` threads of a small pool instead, with one
+join per pass.  With an OpenMP barrier after every operation, the same passes ran 5-10x slower as soon
+as another process competed for the cores.  On CUDA tensors (the twin as a reference on a GPU) each
+pass is a single chunk, run in the calling thread.
+
+Comparisons are made between tensors of the block maxima's dtype (float32; float64 for float64 input):
+a Python threshold is rounded to the tensor's dtype by torch, so comparing block maxima and entries in
+the same dtype keeps "block maximum >= thr" equivalent to "some entry of the block >= thr".
 """
 
 from __future__ import annotations
 
 import math
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -26,6 +44,9 @@ from torch import Tensor
 __all__ = [
     "BLOCK",
     "CHUNK",
+    "MAX_THRESHOLD_RETRIES",
+    "SAMPLE_OVERSHOOT",
+    "THRESHOLD_DECAY",
     "block_absmax",
     "candidates_above",
     "compress_step",
@@ -36,28 +57,108 @@ __all__ = [
 ]
 
 BLOCK = 64
-"""Elements per block of the block-maximum summary (a multiple of the CUDA warp size)."""
+"""Elements per block of the block-maximum summary (two CUDA warps; ``DGC_BLOCK`` in the .cu sources)."""
 
-CHUNK = 1 << 20
-"""Elements per chunk of the fused CPU passes: a 4 MiB float32 slice stays in the L2/L3 cache."""
+CHUNK = 32768 - BLOCK
+"""Elements per chunk of the CPU passes (a multiple of :data:`BLOCK`): 128 KiB per float32 operand, so
+the chunk of g, u, v and the scratch buffer stays in L2 between the element-wise operations, and just
+below ATen's parallel grain (32768 elements), so each operation runs serially in its thread."""
 
-# Threshold adaptation (SPEC 2.4, as the official DGC code): lower by this factor when too few entries pass.
 THRESHOLD_DECAY = 0.8
+"""Factor applied to the sampled threshold when fewer than k entries pass it (SPEC 2.4, official code)."""
+
 MAX_THRESHOLD_RETRIES = 10
-# Sampled thresholds aim this much above k so that one pass usually suffices.
+"""How many times the sampled threshold may be lowered before the exact threshold takes over."""
+
 SAMPLE_OVERSHOOT = 1.1
+"""Sampled thresholds aim this much above k so that one pass usually suffices."""
+
+_DENSE_SCAN_FRACTION = 2
+"""When more than 1/this of the blocks are candidates, scanning everything beats gathering blocks (and
+when more than 1/this of the positions were sent, a dense division beats a sparse one)."""
+
+_T = TypeVar("_T")
 
 
+# ------------------------------------------------------------------------------------------ chunked passes
+_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): a forked child makes its own
+_POOL_LOCK = threading.Lock()
+_POOL_PREFIX = "dgc-twin"
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL[0] != os.getpid():
+            size = max(1, (os.cpu_count() or 2) - 1)  # the calling thread is the other worker
+            pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix=_POOL_PREFIX)
+            _POOL = (os.getpid(), pool)
+        return _POOL[1]
+
+
+def _piece(device: torch.device, piece: int = CHUNK) -> int:
+    """Step of a chunked loop: ``piece`` on a CPU; on a GPU everything at once (each torch op is then
+    one kernel launch over the whole tensor)."""
+    return piece if device.type == "cpu" else 1 << 62
+
+
+def _over_chunks(
+    n: int, run: Callable[[int, int], _T], device: torch.device, piece: int = CHUNK
+) -> list[_T]:
+    """``run(lo, hi)`` over contiguous ranges covering ``[0, n)`` whose bounds are multiples of
+    ``piece``, one range per thread of ``torch.get_num_threads()`` on a CPU; results in range order.
+
+    Every range is processed with the same operations whichever thread runs it, so the result does not
+    depend on the thread count.
+    """
+    pieces = (n + piece - 1) // piece
+    workers = min(torch.get_num_threads(), os.cpu_count() or 1, pieces // 4)  # >= 4 pieces each
+    nested = threading.current_thread().name.startswith(_POOL_PREFIX)  # never wait on our own pool
+    if device.type != "cpu" or workers <= 1 or nested:
+        return [run(0, n)]
+    per = (pieces + workers - 1) // workers * piece
+    bounds = [(lo, min(lo + per, n)) for lo in range(0, n, per)]
+    futures = [_pool().submit(run, lo, hi) for lo, hi in bounds[1:]]
+    try:
+        first = run(*bounds[0])
+    finally:  # never return (or raise) while a worker still writes
+        errors = [f.exception() for f in futures]
+    for exc in errors:
+        if exc is not None:
+            raise exc
+    return [first, *(f.result() for f in futures)]
+
+
+# -------------------------------------------------------------------------------------- block summaries
 def _num_blocks(numel: int) -> int:
     return (numel + BLOCK - 1) // BLOCK
 
 
+def _summary_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of block maxima and magnitude comparisons: float32 holds every float16/bfloat16/float32
+    value exactly; float64 input keeps float64 so that no magnitude is rounded."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _abs_into(x: Tensor, out: Tensor) -> Tensor:
+    """``|x|`` written into ``out`` (same length, the summary dtype)."""
+    if x.dtype == out.dtype:
+        return torch.abs(x, out=out)
+    return out.copy_(x).abs_()
+
+
+_MINUS_ONE: dict[torch.dtype, Tensor] = {}
+
+
 def _absmax_into(x: Tensor, out: Tensor, scratch: Tensor, mask: Tensor | None) -> None:
-    """Block maxima of ``|x|`` (masked entries count as -1) for a chunk whose length is any size."""
+    """Block maxima of ``|x|`` (masked entries count as -1) for a chunk of any length."""
     n = x.numel()
-    a = torch.abs(x, out=scratch[:n])
+    a = _abs_into(x, scratch[:n])
     if mask is not None:
-        a.masked_fill_(~mask, -1.0)
+        minus_one = _MINUS_ONE.get(a.dtype)
+        if minus_one is None:  # torch.where with out= wants a tensor; a CPU scalar suits any device
+            minus_one = _MINUS_ONE[a.dtype] = torch.tensor(-1.0, dtype=a.dtype)
+        torch.where(mask, a, minus_one, out=a)
     full = n // BLOCK
     if full:
         torch.amax(a[: full * BLOCK].view(full, BLOCK), dim=1, out=out[:full])
@@ -65,23 +166,34 @@ def _absmax_into(x: Tensor, out: Tensor, scratch: Tensor, mask: Tensor | None) -
         out[full] = a[full * BLOCK :].max()
 
 
-def block_absmax(x: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Largest ``|x|`` of every block of :data:`BLOCK` consecutive entries (the last block may be short).
-
-    Masked-out entries (``mask`` False) score -1, so they are never candidates.  Returns float32 of
-    ``ceil(numel / BLOCK)`` entries.
-    """
-    x = x.reshape(-1)
+def _summarize(x: Tensor, mask: Tensor | None) -> Tensor:
+    """One chunked pass over ``x``: its block maxima."""
     n = x.numel()
-    out = torch.empty(_num_blocks(n), dtype=torch.float32, device=x.device)
-    scratch = torch.empty(min(n, CHUNK), dtype=torch.float32, device=x.device)
-    for start in range(0, n, CHUNK):
-        stop = min(start + CHUNK, n)
-        m = None if mask is None else mask.reshape(-1)[start:stop]
-        _absmax_into(x[start:stop], out[start // BLOCK : _num_blocks(stop)], scratch, m)
+    dtype = _summary_dtype(x.dtype)
+    out = torch.empty(_num_blocks(n), dtype=dtype, device=x.device)
+    step = _piece(x.device)
+
+    def run(lo: int, hi: int) -> None:
+        scratch = torch.empty(min(hi - lo, step), dtype=dtype, device=x.device)
+        for start in range(lo, hi, step):
+            stop = min(start + step, hi)
+            m = None if mask is None else mask[start:stop]
+            _absmax_into(x[start:stop], out[start // BLOCK : _num_blocks(stop)], scratch, m)
+
+    _over_chunks(n, run, x.device)
     return out
 
 
+def block_absmax(x: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Largest ``|x|`` of every block of :data:`BLOCK` consecutive entries (the last block may be short).
+
+    Masked-out entries (``mask`` False) score -1, so they are never candidates.  Returns float32 (float64
+    for float64 ``x``) of ``ceil(numel / BLOCK)`` entries.
+    """
+    return _summarize(x.detach().reshape(-1), None if mask is None else mask.reshape(-1))
+
+
+# ------------------------------------------------------------------------------------------- thresholds
 def exact_threshold(block_max: Tensor, k: int) -> float:
     """The k-th largest block maximum: at least ``k`` entries reach it (one per top-k block).
 
@@ -89,6 +201,8 @@ def exact_threshold(block_max: Tensor, k: int) -> float:
     """
     if k > block_max.numel():
         return 0.0
+    if k <= 0:
+        return math.inf
     return max(0.0, float(torch.topk(block_max, k, sorted=False).values.min()))
 
 
@@ -99,44 +213,156 @@ def sampled_threshold(x: Tensor, k: int, sample_ratio: float, offset: int) -> fl
     threshold is the magnitude that keeps ``ceil(k * 1.1 * samples / numel)`` of the sampled entries.
     Returns 0 (no estimate) when the sample is empty.
     """
-    x = x.reshape(-1)
+    x = x.detach().reshape(-1)
     n = x.numel()
     stride = max(1, round(1.0 / sample_ratio))
-    sample = x[offset % stride :: stride].abs()
-    if sample.numel() == 0:  # tensor shorter than the offset: no estimate, the caller goes exact
+    sample = x[offset % stride :: stride]
+    ns = sample.numel()
+    if ns == 0 or k <= 0:  # tensor shorter than the offset: no estimate, the caller goes exact
         return 0.0
-    ks = min(sample.numel(), max(1, math.ceil(k * SAMPLE_OVERSHOOT * sample.numel() / n)))
-    return float(torch.topk(sample.float(), ks, sorted=False).values.min())
+    ks = min(ns, max(1, math.ceil(k * SAMPLE_OVERSHOOT * ns / n)))
+    magnitudes = sample.abs().to(_summary_dtype(x.dtype))
+    return float(torch.topk(magnitudes, ks, sorted=False).values.min())
 
 
-def candidates_above(x: Tensor, block_max: Tensor, thr: float) -> Tensor:
-    """Indices (int64, ascending) of all entries with ``|x| >= thr`` (masked entries excluded).
+# ------------------------------------------------------------------------------------------- candidates
+def _cat(parts: list[list[Tensor]], device: torch.device) -> Tensor:
+    """Concatenate the index tensors that the ranges of :func:`_over_chunks` returned, in order."""
+    flat = [t for part in parts for t in part]
+    return torch.cat(flat) if flat else torch.empty(0, dtype=torch.int64, device=device)
 
-    Only blocks whose maximum reaches ``thr`` are read.
+
+def _scan_above(x: Tensor, thr: float, mask: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """All live indices with ``|x| >= thr``, by a chunked scan of the whole tensor (ascending)."""
+    step = _piece(x.device)
+
+    def run(lo: int, hi: int) -> list[Tensor]:
+        scratch = torch.empty(min(hi - lo, step), dtype=dtype, device=x.device)
+        found = []
+        for start in range(lo, hi, step):
+            stop = min(start + step, hi)
+            hit = _abs_into(x[start:stop], scratch[: stop - start]) >= thr
+            if mask is not None:
+                hit &= mask[start:stop]
+            found.append(torch.nonzero(hit).squeeze(1).add_(start))
+        return found
+
+    return _cat(_over_chunks(x.numel(), run, x.device), x.device)
+
+
+def _blocks_above(block_max: Tensor, thr: float) -> Tensor:
+    """Indices (ascending) of the blocks whose maximum reaches ``thr``."""
+    step = _piece(block_max.device)
+
+    def run(lo: int, hi: int) -> list[Tensor]:
+        return [
+            torch.nonzero(block_max[s : min(s + step, hi)] >= thr).squeeze(1).add_(s)
+            for s in range(lo, hi, step)
+        ]
+
+    return _cat(_over_chunks(block_max.numel(), run, block_max.device), block_max.device)
+
+
+def _hits_in_blocks(
+    x: Tensor, blocks: Tensor, thr: float, mask: Tensor | None, dtype: torch.dtype
+) -> Tensor:
+    """Live indices with ``|x| >= thr`` inside the given full blocks (ascending), CHUNK elements at a time."""
+    full = x.numel() // BLOCK
+    rows_of = x[: full * BLOCK].view(full, BLOCK)
+    mask_of = None if mask is None else mask[: full * BLOCK].view(full, BLOCK)
+    group = _piece(x.device, CHUNK // BLOCK)
+
+    def run(lo: int, hi: int) -> list[Tensor]:
+        found = []
+        for s in range(lo, hi, group):
+            b = blocks[s : min(s + group, hi)]
+            hit = rows_of.index_select(0, b).abs_().to(dtype) >= thr
+            if mask_of is not None:
+                hit &= mask_of.index_select(0, b)
+            r, c = torch.nonzero(hit, as_tuple=True)  # row-major: ascending positions
+            found.append(b.index_select(0, r).mul_(BLOCK).add_(c))
+        return found
+
+    return _cat(_over_chunks(blocks.numel(), run, x.device, group), x.device)
+
+
+def candidates_above(
+    x: Tensor, block_max: Tensor, thr: float, mask: Tensor | None = None
+) -> Tensor:
+    """Indices (int64, ascending) of all entries with ``|x| >= thr``, masked entries excluded.
+
+    Only blocks whose maximum reaches ``thr`` are read (all of ``x`` when most blocks do).
     """
-    x = x.reshape(-1)
+    x = x.detach().reshape(-1)
     n = x.numel()
-    blocks = torch.nonzero(block_max >= thr).squeeze(1)
-    if blocks.numel() == 0:
-        return blocks
-    # Gather the candidate blocks as [nb, BLOCK] index grid; the grid of the short last block is clipped.
-    grid = (blocks * BLOCK).unsqueeze(1) + torch.arange(BLOCK, device=x.device)
-    grid = grid.reshape(-1)
-    if n % BLOCK and blocks[-1] == block_max.numel() - 1:
-        grid = grid[grid < n]
-    vals = x.index_select(0, grid).abs()
-    return grid[vals >= thr]
+    dtype = block_max.dtype
+    flat_mask = None if mask is None else mask.reshape(-1)
+    blocks = _blocks_above(block_max, thr)
+    if blocks.numel() * _DENSE_SCAN_FRACTION > block_max.numel():
+        return _scan_above(x, thr, flat_mask, dtype)
+    full = n // BLOCK
+    if blocks.numel() and n % BLOCK and int(blocks[-1]) == full:  # the short last block, on its own
+        t = x[full * BLOCK :].abs().to(dtype) >= thr
+        if flat_mask is not None:
+            t &= flat_mask[full * BLOCK :]
+        tail = torch.nonzero(t).squeeze(1).add_(full * BLOCK)
+        return torch.cat((_hits_in_blocks(x, blocks[:-1], thr, flat_mask, dtype), tail))
+    return _hits_in_blocks(x, blocks, thr, flat_mask, dtype)
 
 
-def _finish(x: Tensor, k: int, cand: Tensor, mask: Tensor | None) -> Tensor:
-    """The k candidates of largest |x|, or all of them when exactly k; indices int64 ascending."""
-    if mask is not None and cand.numel():
-        cand = cand[mask.reshape(-1).index_select(0, cand)]
+# -------------------------------------------------------------------------------------------- selection
+def _in_order(positions: Tensor, length: int) -> Tensor:
+    """``positions`` (unique, any order) in ascending order, by marking them in a ``length``-long
+    boolean map: O(length), and no ``torch.sort`` (whose parallel CPU version stalls on a busy machine)."""
+    keep = torch.zeros(length, dtype=torch.bool, device=positions.device)
+    keep.index_fill_(0, positions, True)
+    return torch.nonzero(keep).squeeze(1)
+
+
+def _finish(x: Tensor, k: int, cand: Tensor) -> Tensor:
+    """The k candidates of largest |x| (candidates ascending, at least k of them); int64 ascending."""
     if cand.numel() == k:
         return cand
-    vals = x.reshape(-1).index_select(0, cand).abs()
+    vals = x.index_select(0, cand).abs()
     top = torch.topk(vals, k, sorted=False).indices
-    return torch.sort(cand.index_select(0, top)).values
+    return cand.index_select(0, _in_order(top, cand.numel()))
+
+
+def _direct_topk(x: Tensor, k: int, mask: Tensor | None) -> Tensor:
+    """Exact top-k by a full ``torch.topk`` of the magnitudes (k above the number of blocks)."""
+    a = x.abs()
+    if mask is not None:
+        a.masked_fill_(~mask, -1.0)
+    top = torch.topk(a, k, sorted=False)
+    if mask is not None and k and float(top.values.min()) < 0:
+        raise ValueError(f"k = {k} exceeds the number of unmasked entries ({int(mask.sum())})")
+    return _in_order(top.indices, x.numel())
+
+
+def _select(
+    x: Tensor,
+    k: int,
+    sample_ratio: float,
+    offset: int,
+    block_max: Tensor,
+    mask: Tensor | None,
+) -> Tensor:
+    """:func:`select_topk` on a flat ``x`` whose block maxima are known."""
+    if sample_ratio < 1.0:
+        thr = sampled_threshold(x, k, sample_ratio, offset)
+        for _ in range(1 + MAX_THRESHOLD_RETRIES):  # the first try, then up to 10 lowered thresholds
+            if not thr > 0.0:  # no estimate (or NaN): go exact
+                break
+            cand = candidates_above(x, block_max, thr, mask)
+            if cand.numel() >= k:
+                return _finish(x, k, cand)
+            thr *= THRESHOLD_DECAY
+    thr = exact_threshold(block_max, k)
+    if thr > 0.0:
+        cand = candidates_above(x, block_max, thr, mask)
+        if cand.numel() >= k:  # always, barring NaN in x
+            return _finish(x, k, cand)
+    return _direct_topk(x, k, mask)
 
 
 def select_topk(
@@ -152,27 +378,24 @@ def select_topk(
 
     ``sample_ratio == 1`` takes the exact block-maximum threshold; below 1 a sampled threshold is tried
     first and lowered by :data:`THRESHOLD_DECAY` (at most :data:`MAX_THRESHOLD_RETRIES` times) while fewer
-    than ``k`` entries pass, as in SPEC 2.4; the block threshold is the fallback.  Either way the result is
-    the exact top-k set.  ``k`` must not exceed the number of unmasked entries.
+    than ``k`` entries pass, as in SPEC 2.4; the block threshold is the fallback, and a full ``torch.topk``
+    when ``k`` exceeds the number of blocks.  Either way the result is the exact top-k set.  ``k`` must not
+    exceed the number of unmasked entries.  ``block_max`` (from :func:`block_absmax` with the same mask)
+    saves a pass over ``x``.
     """
-    x = x.reshape(-1)
-    if k <= 0:
+    x = x.detach().reshape(-1)
+    n = x.numel()
+    if not 0 <= k <= n:
+        raise ValueError(f"k = {k} must be in [0, x.numel() = {n}]")
+    if k == 0:
         return torch.empty(0, dtype=torch.int64, device=x.device)
+    flat_mask = None if mask is None else mask.reshape(-1)
     if block_max is None:
-        block_max = block_absmax(x, mask)
-    if sample_ratio < 1.0 and mask is None:
-        thr = sampled_threshold(x, k, sample_ratio, offset)
-        for _ in range(MAX_THRESHOLD_RETRIES):
-            if thr <= 0.0:
-                break
-            cand = candidates_above(x, block_max, thr)
-            if cand.numel() >= k:
-                return _finish(x, k, cand, None)
-            thr *= THRESHOLD_DECAY
-    thr = exact_threshold(block_max, k)
-    return _finish(x, k, candidates_above(x, block_max, thr), mask)
+        block_max = _summarize(x, flat_mask)
+    return _select(x, k, sample_ratio, offset, block_max, flat_mask)
 
 
+# --------------------------------------------------------------------------------------- compress, unpack
 def compress_step(
     grad: Tensor,
     momentum: Tensor | None,
@@ -194,46 +417,64 @@ def compress_step(
 
     1. momentum correction ``u <- beta*u + g`` (Nesterov: ``u <- beta*(u + g)``, and v gets ``u + g``);
     2. local accumulation ``v <- v + u``;
-    3. selection of the ``k`` entries of largest ``|v|`` (masked entries never);
+    3. selection of the ``k`` entries of largest ``|v|`` (masked entries never), as :func:`select_topk`;
     4. packing: ``out_indices`` (int32) and ``out_values`` (wire dtype) receive the pairs;
     5. momentum factor masking: ``u[sel] <- 0``; ``v[sel] <- v[sel] - sent`` (zero in float32; the wire
        dtype's rounding error otherwise, so nothing is lost).
 
     With ``mask`` the gradient is multiplied by it first, so masked u and v stay zero.  ``momentum`` may be
-    None when ``beta == 0``.  Returns the selected indices (int64) for callers that need them.
+    None (then v simply accumulates g).  A float64 ``grad`` is rounded to float32 before step 1.  Returns
+    the selected indices (int64, ascending) for callers that need them.
     """
     n = grad.numel()
-    g = grad.reshape(-1)
+    if not 0 <= k <= n:
+        raise ValueError(f"k = {k} must be in [0, grad.numel() = {n}]")
+    g = grad.detach().reshape(-1)
     v = residual.reshape(-1)
     u = None if momentum is None else momentum.reshape(-1)
     fm = None if mask is None else mask.reshape(-1)
     block_max = torch.empty(_num_blocks(n), dtype=torch.float32, device=v.device)
-    scratch = torch.empty(min(n, CHUNK), dtype=torch.float32, device=v.device)
-    for start in range(0, n, CHUNK):
-        stop = min(start + CHUNK, n)
-        gc, vc = g[start:stop], v[start:stop]
-        mc = None if fm is None else fm[start:stop]
-        if mc is not None:
-            gc = gc * mc
-        if u is None:
-            vc.add_(gc)
-        else:
-            uc = u[start:stop]
-            if nesterov:
-                uc.add_(gc).mul_(beta)
-                vc.add_(uc).add_(gc)
+    convert = fm is not None or g.dtype == torch.float64
+    step = _piece(v.device)
+
+    def run(lo: int, hi: int) -> None:  # steps 1-2 and the block maxima, chunk by chunk
+        scratch = torch.empty(min(hi - lo, step), dtype=torch.float32, device=v.device)
+        # Masked or float64 gradients are first written, as float32, into a second scratch buffer.
+        gbuf = torch.empty_like(scratch) if convert else scratch
+        for start in range(lo, hi, step):
+            stop = min(start + step, hi)
+            gc, vc = g[start:stop], v[start:stop]
+            mc = None if fm is None else fm[start:stop]
+            if mc is not None:
+                gc = torch.mul(gc, mc, out=gbuf[: stop - start])
+            elif convert:
+                gc = gbuf[: stop - start].copy_(gc)
+            if u is None:  # Step 2 alone
+                vc.add_(gc)
             else:
-                torch.add(gc, uc, alpha=beta, out=uc)
-                vc.add_(uc)
-        _absmax_into(vc, block_max[start // BLOCK : _num_blocks(stop)], scratch, mc)
-    idx = select_topk(v, k, sample_ratio=sample_ratio, offset=offset, block_max=block_max, mask=fm)
+                uc = u[start:stop]
+                if nesterov:  # Step 1 (Nesterov) and 2
+                    uc.add_(gc).mul_(beta)
+                    vc.add_(uc).add_(gc)
+                else:  # Steps 1 and 2
+                    torch.add(gc, uc, alpha=beta, out=uc)
+                    vc.add_(uc)
+            _absmax_into(vc, block_max[start // BLOCK : _num_blocks(stop)], scratch, mc)
+
+    _over_chunks(n, run, v.device)
+    # Step 3
+    if k == 0:
+        return torch.empty(0, dtype=torch.int64, device=v.device)
+    idx = _select(v, k, sample_ratio, offset, block_max, fm)
+    # Step 4
     sent = v.index_select(0, idx)
     out_indices.copy_(idx)
     out_values.copy_(sent)
+    # Step 5
     if out_values.dtype == torch.float32:
         v.index_fill_(0, idx, 0.0)
     else:
-        v.index_copy_(0, idx, sent - out_values.float())
+        v.index_copy_(0, idx, sent.sub_(out_values.float()))
     if u is not None and momentum_masking:
         u.index_fill_(0, idx, 0.0)
     return idx
@@ -249,11 +490,24 @@ def scatter_unpack(out: Tensor, indices: Tensor, values: Tensor, world_size: int
     flat = out.reshape(-1)
     acc = flat if flat.dtype == torch.float32 else torch.empty_like(flat, dtype=torch.float32)
     acc.zero_()
-    idx = indices.reshape(world_size, -1)
+    idx = indices.reshape(world_size, -1).long()
     val = values.reshape(world_size, -1)
     for r in range(world_size):
-        acc.index_add_(0, idx[r].long(), val[r].float())
-    acc.div_(world_size)
+        acc.index_add_(0, idx[r], val[r].float())
+    _divide_sum(acc, idx, world_size)
     if acc is not flat:
         flat.copy_(acc)
     return out
+
+
+def _divide_sum(acc: Tensor, indices: Tensor, world_size: int) -> None:
+    """``acc /= world_size``, touching only the summed positions when they are few (0 / N = 0)."""
+    if world_size == 1:
+        return
+    if indices.numel() * _DENSE_SCAN_FRACTION < acc.numel():
+        # A position sent by several workers is divided once per occurrence, each time from the same
+        # complete sum, so every copy writes the same bits.
+        touched = indices.reshape(-1).long()
+        acc.index_copy_(0, touched, acc.index_select(0, touched).div_(world_size))
+    else:
+        acc.div_(world_size)
