@@ -129,7 +129,10 @@ def test_select_topk_exact(impl, n, sample_ratio):
         pytest.skip(f"{impl.name} is tested up to n = {impl.max_n} here")
     gen = torch.Generator().manual_seed(n)
     x = (torch.randn(n, generator=gen) * torch.rand(n, generator=gen) ** 3).to(impl.device)
-    for k in sorted({0, 1, max(1, n // 1000), max(1, n // 64), n // 2, n - 1, n} - {-1}):
+    ks = {0, 1, max(1, n // 64), n // 2, n}
+    if impl.name != "emulated":  # every thread of the emulator is an OS thread: fewer cases there
+        ks |= {max(1, n // 1000), n - 1}
+    for k in sorted(ks - {-1}):
         for offset in (0, n + 5) if impl.name == "emulated" else (0, 7, n + 5):
             idx = impl.module.select_topk(x, k, sample_ratio=sample_ratio, offset=offset)
             check_topk(x, k, idx)
@@ -440,7 +443,7 @@ def test_twin_select_topk_property(n, frac, small, ratio, offset, masked, ties, 
     check_topk(x, k, idx, mask)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(
     n=st.integers(1, 5_000),
     frac=st.floats(0.0, 1.0),

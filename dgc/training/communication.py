@@ -57,9 +57,9 @@ class Communication:
     """The ``compress`` option's name (``none`` = no ``+compress``), for logs and checkpoints."""
 
     # ------------------------------------------------------------------ set-up
-    def check(self, *, dist_name: str) -> None:
-        """Raise ``ValueError`` if this option cannot run on the ``dist`` runtime (before any
-        process group starts)."""
+    def check(self, *, dist_name: str, optim: DictConfig) -> None:
+        """Raise ``ValueError`` if this option cannot run on the ``dist`` runtime or with the
+        ``optim`` config (called before any process group starts)."""
 
     def configure(self, *, steps_per_epoch: int, total_steps: int) -> None:
         """Resolve settings given in epochs now that the data size is known."""

