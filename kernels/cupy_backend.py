@@ -83,10 +83,16 @@ def kernel_source() -> str:
 
 
 def is_available() -> bool:
-    """True when a CUDA device is visible to both torch and CuPy (CuPy imported, driver present)."""
+    """True when the kernels can run: a CUDA device visible to torch and CuPy, and NVRTC loadable
+    (CuPy compiles the kernels with it; ``pip install 'cupy-cuda12x[ctk]'`` brings it)."""
     try:
-        return bool(torch.cuda.is_available() and cupy.cuda.is_available())
-    except Exception:  # driver/runtime mismatch and the like: no GPU path
+        if not (torch.cuda.is_available() and cupy.cuda.is_available()):
+            return False
+        from cupy.cuda import nvrtc
+
+        nvrtc.getVersion()
+        return True
+    except Exception:  # driver/runtime mismatch, NVRTC missing and the like: no GPU path
         return False
 
 
