@@ -36,7 +36,7 @@ def _need_horovod() -> list[str]:
             "from horovod.runner.launch import run_commandline; run_commandline()"]
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(1300)
 @pytest.mark.parametrize("compress", ["dgc"])
 def test_horovod_run_and_resume(tmp_path, compress):
     import subprocess
@@ -50,7 +50,7 @@ def test_horovod_run_and_resume(tmp_path, compress):
                "logger.log_every=1", "logger.progress=false", "compress.warmup_epochs=0.2",
                "train.max_steps=6", "train.checkpoint.every_steps=3",
                "train.checkpoint.keep=null", f"hydra.run.dir={out}", *extra]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=env,
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=env,
                               cwd=tmp_path)
         assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -68,3 +68,16 @@ def test_horovod_run_and_resume(tmp_path, compress):
     again = {r["step"]: r["loss"] for r in resumed if r["event"] == "step"}
     assert sorted(again) == [4, 5, 6]
     assert [steps[s]["loss"] for s in again] == list(again.values())
+
+    # The same run through torchrun + DDP's comm hook: dgc.horovod computes the same thing.
+    ddp_out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(TRAIN), f"+compress={compress}", "data=digits", "train.batch_size=16",
+           "logger.log_every=1", "logger.progress=false", "compress.warmup_epochs=0.2",
+           "train.max_steps=6", "train.checkpoint.dir=null", f"hydra.run.dir={ddp_out}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = {r["step"]: r["loss"] for r in map(json.loads, (ddp_out / "metrics.jsonl").open())
+           if r["event"] == "step"}
+    assert [ddp[s] for s in sorted(ddp)] == pytest.approx([steps[s]["loss"] for s in sorted(ddp)],
+                                                           rel=1e-6)

@@ -72,12 +72,14 @@ class HorovodRuntime:
         self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
         return model, comm.wrap_horovod(optimizer, model)
 
+    # Horovod pairs collectives by name: name them, or ranks passing objects of different types
+    # (broadcast_object's default name is the type's) wait for each other forever.
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        t.copy_(self.hvd.allreduce(t, op=self.hvd.Sum))
+        t.copy_(self.hvd.allreduce(t, op=self.hvd.Sum, name="dgc.training.all_reduce_sum"))
         return t
 
     def broadcast_object(self, obj: Any) -> Any:
-        return self.hvd.broadcast_object(obj, root_rank=0)
+        return self.hvd.broadcast_object(obj, root_rank=0, name="dgc.training.broadcast_object")
 
     def barrier(self) -> None:
         self.hvd.barrier() if hasattr(self.hvd, "barrier") else self.hvd.allreduce(torch.zeros(1))
