@@ -101,6 +101,7 @@ def _worker_argv(args: Any, script: Path, run: RunSpec, out: Path, threads: int)
         "--steps", str(args.steps),
         "--local-steps", str(run.local_steps),
         "--replay", str(args.replay),
+        "--replay-budget-s", str(args.replay_budget_s),
         "--bucket-cap-mb", str(args.bucket_cap_mb),
         *(["--powersgd-bucket-cap-mb", str(args.powersgd_bucket_cap_mb)]
           if args.powersgd_bucket_cap_mb is not None else []),

@@ -97,7 +97,7 @@ def _analytic_message_bytes(names: list[str], density: float, value_bytes: int) 
 def _bench_worker(rank: int, world_size: int, methods: list[str]) -> dict[str, dict]:
     torch.set_num_threads(1)
     opts = bench_bandwidth.RunOptions(
-        model="tiny", compute="real", batch=2, warmup=3, steps=2, replay=1,
+        model="tiny", compute="real", batch=2, warmup=3, steps=2, replay=0,
         bucket_cap_mb=0.008, iface="lo",
     )
     return {m: asdict(bench_bandwidth.run_method(bench_bandwidth.METHODS[m], opts))
@@ -134,7 +134,7 @@ def test_byte_counts_match_the_wire_format() -> None:
         assert res["dense"]["payload_bytes"] == 4 * params
         assert res["dense"]["tx_bytes"] >= n * (n - 1) / n * 2 * 4 * params * 0.99
         for r in res.values():
-            assert r["step_s"] > 0 and r["comm_replay_s"] > 0 and r["collectives"] >= 1
+            assert r["step_s"] > 0 and r["collectives"] >= 1
 
 
 # ----------------------------------------------------------------------------- report arithmetic
@@ -167,6 +167,7 @@ def test_worker_end_to_end_and_report(tmp_path: Path) -> None:
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         str(ROOT / "launch" / "bench_bandwidth.py"), "worker", "--model", "tiny",
         "--methods", ",".join(E2E_METHODS), "--steps", "2", "--local-steps", "1", "--replay", "1",
+        "--replay-budget-s", "0",
         "--threads", "1",
         "--out", str(run_json),
     ]
@@ -178,7 +179,7 @@ def test_worker_end_to_end_and_report(tmp_path: Path) -> None:
     by = {m["method"]: m for m in data["methods"]}
     for m in by.values():
         assert m["step_s"] > 0 and m["tx_bytes"] > 0 and m["local_step_s"] > 0
-        assert m["step_cpu_s"] > 0 and m["local_cpu_s"] > 0
+        assert m["step_cpu_s"] > 0 and m["local_cpu_s"] > 0 and m["comm_replay_s"] > 0
         assert len(m["step_s_ranks"]) == 2
     assert by["dense"]["codec_s"] == 0.0 and by["dense"]["codec_cpu_s"] == 0.0
     # Payload sizes order as the methods promise (tiny model: PowerSGD's factors are small).

@@ -125,7 +125,7 @@ def test_compress_step_kernel_equals_twin(cb, n, wire):
     # What was sent is v rounded to the wire dtype; the rounding error stayed in v.
     assert torch.equal(kout_v, kpre[ki].to(wire))
     eps = torch.finfo(wire).eps if wire != torch.float32 else 0.0
-    assert bool(torch.all(kv[ki].abs() <= eps * kpre[ki].abs()))
+    assert bool(torch.all(kv[ki].abs() <= eps * kpre[ki].abs() + 2.0**-24))  # + half's subnormal step
     common = torch.ones(n, dtype=torch.bool, device="cuda")
     common[ki] = False
     common[ti] = False
