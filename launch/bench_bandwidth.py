@@ -123,6 +123,7 @@ class RunOptions:
     model: str = "resnet50"
     """A name of ``grad_shapes.MODELS``."""
     methods: tuple[str, ...] = tuple(METHODS)
+    """Names of ``METHODS`` to run, in this order."""
     compute: str = "real"
     """"real" (the model's forward/backward on a random batch) or "synthetic" (fixed gradients)."""
     batch: int = 4
@@ -147,8 +148,10 @@ class RunOptions:
     powersgd_bucket_cap_mb: float | None = None
     """Bucket size for PowerSGD; None = a single bucket on gloo (SPEC 3), bucket_cap_mb on NCCL."""
     lr: float = 1e-4
+    """Learning rate of every method's SGD (small: the random batch is not meant to be learnt)."""
     iface: str | None = None
-    """Interface whose counters are read; None = $GLOO_SOCKET_IFNAME / $NCCL_SOCKET_IFNAME / lo."""
+    """Interface whose counters are read; None = $GLOO_SOCKET_IFNAME / $NCCL_SOCKET_IFNAME, else
+    the default route's on a multi-node run, else lo."""
     label: str = ""
     """Free text stored with the results (the sweep puts the link rate here)."""
 
@@ -256,16 +259,24 @@ class MethodResult:
 
     method: str
     group_size: int
+    """Ranks of the process group it ran on (1 for the codec run)."""
     step_s: float
+    """End-to-end step time, wall clock (median)."""
     step_s_all: list[float]
     step_cpu_s: float
     """CPU time of this process per step (all its threads): insensitive to other processes on
     the same cores, unlike step_s."""
     hook_s: float
+    """Time inside the hook calls (their synchronous part: compression and launch)."""
     comm_inflight_s: float
+    """Wall time with at least one of the step's collectives in flight."""
     comm_replay_s: float = math.nan
+    """The step's collectives replayed alone, best round (NaN = not replayed)."""
     tx_bytes: float = math.nan
+    """Bytes the interface sent per step, barrier traffic subtracted (NaN = not measured)."""
     rx_bytes: float = math.nan
+    barrier_tx_bytes: float = math.nan
+    """What one step's barrier sent, measured apart and subtracted from tx_bytes."""
     payload_bytes: float = 0.0
     """Bytes this rank handed to the collectives per step."""
     collectives: int = 0
@@ -277,6 +288,7 @@ class MethodResult:
     buckets: list[list[str]] = field(default_factory=list)
     """Parameter names per DDP bucket, in the hook's call order (last measured step)."""
     note: str = ""
+    """Why a figure may be off (e.g. the interface missed RDMA traffic); empty if none."""
 
 
 def _sync(device: torch.device) -> None:
@@ -456,6 +468,7 @@ def run_method(
         if measure_bytes:
             result.rx_bytes = (rx1 - rx0 - barrier_rx) / steps
             result.tx_bytes = (tx1 - tx0 - barrier_tx) / steps
+            result.barrier_tx_bytes = barrier_tx / steps
             gathers = all(op["op"] != "all_reduce" for op in recorder.ops)
             least = result.payload_bytes * ((n - 1) if gathers else 2 * (n - 1) / n)
             if iface != "lo" and result.tx_bytes < 0.9 * least:
