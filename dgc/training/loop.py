@@ -190,6 +190,11 @@ def _run(cfg, settings, runtime, ctx, comm: Communication, metrics, make_schedul
     window = torch.zeros(2, dtype=torch.float64)  # summed loss, count since the last step record
     window_traffic = Traffic()
     bar = _progress_bar(ctx.is_main and metrics.progress, steps_per_epoch)
+    logging_around_bar = contextlib.ExitStack()
+    if ctx.is_main and metrics.progress:  # log lines above the bar, not through it
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        logging_around_bar.enter_context(logging_redirect_tqdm())
     last_stats = None
 
     # ---- 3. Train.
@@ -250,6 +255,7 @@ def _run(cfg, settings, runtime, ctx, comm: Communication, metrics, make_schedul
         if ckpt.every_epochs and pos.epoch % ckpt.every_epochs == 0:
             checkpoint()
     bar.close()
+    logging_around_bar.close()
 
     # ---- The end: final evaluation (unless the last epoch's is current), summary, reports.
     if last_eval is None or pos.batch:
