@@ -86,11 +86,13 @@ _POOL_LOCK = threading.Lock()
 _POOL_PREFIX = "dgc-twin"
 
 
+_CPUS = os.cpu_count()  # read once: it is a system call, and the chunk helpers run per step
+
 def _pool() -> ThreadPoolExecutor:
     global _POOL
     with _POOL_LOCK:
         if _POOL is None or _POOL[0] != os.getpid():
-            size = max(1, (os.cpu_count() or 2) - 1)  # the calling thread is the other worker
+            size = max(1, (_CPUS or 2) - 1)  # the calling thread is the other worker
             pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix=_POOL_PREFIX)
             _POOL = (os.getpid(), pool)
         return _POOL[1]
@@ -112,7 +114,7 @@ def _over_chunks(
     depend on the thread count.
     """
     pieces = (n + piece - 1) // piece
-    workers = min(torch.get_num_threads(), os.cpu_count() or 1, pieces // 4)  # >= 4 pieces each
+    workers = min(torch.get_num_threads(), _CPUS or 1, pieces // 4)  # >= 4 pieces each
     nested = threading.current_thread().name.startswith(_POOL_PREFIX)  # never wait on our own pool
     if device.type != "cpu" or workers <= 1 or nested:
         return [run(0, n)]
