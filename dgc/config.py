@@ -74,7 +74,15 @@ class DGCConfig:
 
     value_dtype: str = "float32"
     """Dtype of the values on the wire: "float32", "float16" or "bfloat16".  The rounding error of a
-    narrower dtype stays in the residual, so nothing is lost.  Indices are int32."""
+    narrower dtype stays in the residual, so nothing is lost.  Indices: see ``index_format``."""
+
+    index_format: Literal["auto", "int32", "block16"] = "auto"
+    """How a message encodes the positions of its pairs.  "int32": 4 bytes per pair.  "block16": the
+    bucket is cut into blocks of 65,536 elements; the message holds one int32 count per block and a
+    16-bit offset per pair (2 bytes per pair + 4 bytes per block, lossless, positions sorted).
+    "auto" (default) takes, per bucket, whichever message is smaller: block16 as soon as a bucket sends
+    more than two pairs per block (at density 0.001, every compressed bucket of more than a few
+    thousand elements).  On ResNet-50 at density 0.001 it cuts a pair from 8 to ~6 bytes (float32)."""
 
     nonfinite: Literal["raise", "propagate"] = "raise"
     """What a NaN/Inf local gradient does.  The residual and momentum are never touched by it (every rank
@@ -122,6 +130,7 @@ class DGCConfig:
             _check(self.value_dtype in names, "value_dtype", self.value_dtype, f"one of {sorted(WIRE_DTYPES)}")
             self.value_dtype = names[self.value_dtype]
         _check(self.value_dtype in WIRE_DTYPES, "value_dtype", self.value_dtype, f"one of {sorted(WIRE_DTYPES)}")
+        _check(self.index_format in ("auto", "int32", "block16"), "index_format", self.index_format, "'auto', 'int32' or 'block16'")
         _check(self.nonfinite in ("raise", "propagate"), "nonfinite", self.nonfinite, "'raise' or 'propagate'")
         _check(_is_int(self.log_every) and self.log_every >= 0, "log_every", self.log_every, "an integer >= 0 (0 = off)")
         _check(self.backend in ("auto", "torch", "cupy"), "backend", self.backend, "'auto', 'torch' or 'cupy'")

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .state import DGCState
-from .wire import FLAG_NONFINITE, BucketLayout, MessageView
+from .wire import FLAG_NONFINITE, BucketLayout, MessageView, pack_pairs, unpack_positions
 
 __all__ = ["ddp_comm_hook"]
 
@@ -88,18 +88,22 @@ def _sparse_allgather(
     ws = state.workspace(layout, buffer.device, buffer.dtype)
     mine = MessageView.of(ws["message"], layout)
     mine.flags.fill_(0 if finite else FLAG_NONFINITE)
+    # int32 positions are selected straight into the message; block16 selects into scratch, then packs.
+    positions = ws.get("positions", mine.indices)
+    values = ws.get("values", mine.values)
     if finite:
         pair, dense = 0, 0
         for name, off, numel, k in zip(layout.names, layout.offsets, layout.numels, layout.ks, strict=True):
             g = buffer[off : off + numel]
             if k:
-                idx = mine.indices[pair : pair + k]
-                state.compress(name, g, out_indices=idx, out_values=mine.values[pair : pair + k])
+                idx = positions[pair : pair + k]
+                state.compress(name, g, out_indices=idx, out_values=values[pair : pair + k])
                 idx.add_(off)  # positions in the bucket, so receivers need no tensor boundaries
                 pair += k
             else:
                 state.compress_dense(name, g, out=mine.dense[dense : dense + numel])
                 dense += numel
+        pack_pairs(layout, mine, positions, values)
     msg_bytes = layout.message_bytes
     state.record(
         sparse=True,
@@ -116,10 +120,10 @@ def _sparse_allgather(
         bad = torch.nonzero(everyone.flags.reshape(-1) & FLAG_NONFINITE).reshape(-1).tolist()
         if bad:
             if finite:
-                _undo(state, layout, mine, buffer.dtype)
+                _undo(state, layout, positions, values)
             return _nonfinite(state, layout, buffer, f"rank(s) {bad}", step)
         out = buffer if buffer.dtype == torch.float32 else ws["accumulator"]
-        state.kernels_for(out).scatter_unpack(out, everyone.indices, everyone.values, n)
+        state.kernels_for(out).scatter_unpack(out, unpack_positions(layout, everyone, n), everyone.values, n)
         if layout.dense_numel:
             dense_sum = everyone.dense.float().sum(dim=0).div_(n)
             out.index_copy_(0, ws["dense_positions"], dense_sum)
@@ -139,13 +143,13 @@ def _all_gather(out: Tensor, inp: Tensor, group: dist.ProcessGroup | None) -> di
     return gather(out, inp, group=group, async_op=True)
 
 
-def _undo(state: DGCState, layout: BucketLayout, mine: MessageView, dtype: torch.dtype) -> None:
-    """Another worker failed: put this worker's packed pairs back into its residuals."""
+def _undo(state: DGCState, layout: BucketLayout, positions: Tensor, values: Tensor) -> None:
+    """Another worker failed: put this worker's selected pairs back into its residuals."""
     pair = 0
     for name, off, k in zip(layout.names, layout.offsets, layout.ks, strict=True):
         if k:
-            idx = mine.indices[pair : pair + k].long() - off
-            state.restore(name, idx, mine.values[pair : pair + k])
+            idx = positions[pair : pair + k].long() - off
+            state.restore(name, idx, values[pair : pair + k])
             pair += k
         else:
             state.finish_dense(name, layout.wire_dtype, delivered=False)

@@ -44,7 +44,7 @@ from torch import Tensor
 from .config import DGCConfig
 from .optim import check_optimizer
 from .state import DGCState
-from .wire import FLAG_NONFINITE, BucketLayout, MessageView
+from .wire import FLAG_NONFINITE, BucketLayout, MessageView, pack_pairs, unpack_positions
 
 try:
     import horovod.torch as hvd
@@ -107,6 +107,9 @@ class _Sparse:
     name: str
     layout: BucketLayout
     message: Tensor
+    positions: Tensor
+    """This worker's selected positions and values, in selection order (to undo a failed step)."""
+    values: Tensor
     handle: int
     finite: bool
 
@@ -185,11 +188,16 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
             message = self._message(layout, grad.device)
             mine = MessageView.of(message, layout)
             mine.flags.fill_(0 if finite else FLAG_NONFINITE)
+            if layout.index_blocks:  # block16: select into scratch, then sort and pack
+                positions = torch.empty(layout.pairs, dtype=torch.int32, device=grad.device)
+                values = torch.empty(layout.pairs, dtype=layout.wire_dtype, device=grad.device)
+            else:
+                positions, values = mine.indices, mine.values
             if finite:
-                state.compress(name, grad, param=p, out_indices=mine.indices, out_values=mine.values)
+                state.compress(name, grad, param=p, out_indices=positions, out_values=values)
+                pack_pairs(layout, mine, positions, values)
             else:  # the others ignore this message; keep its size so nothing else changes
-                mine.indices.zero_()
-                mine.values.zero_()
+                message[4:].zero_()
             state.record(
                 sparse=True,
                 sent=layout.message_bytes,
@@ -199,7 +207,8 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
                 elements_sent=layout.pairs,
             )
             handle = hvd.allgather_async(message, name=f"dgc.{name}", process_set=self._process_set)
-            return _Sparse(name=name, layout=layout, message=message, handle=handle, finite=finite)
+            return _Sparse(name=name, layout=layout, message=message, positions=positions, values=values,
+                           handle=handle, finite=finite)
         if finite:  # momentum-corrected payload, in place in p.grad (as the DDP hook does)
             state.compress_dense(name, grad, param=p, out=grad)
         if state.memory[name].compressed:  # a large tensor during the dense warm-up: send it now
@@ -295,13 +304,11 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
         everyone = MessageView.of(gathered, entry.layout, n)
         if bool((everyone.flags & FLAG_NONFINITE).any()):
             if entry.finite:  # another worker failed: put this worker's pairs back into v
-                mine = MessageView.of(entry.message, entry.layout)
-                state.restore(entry.name, mine.indices.long(), mine.values)
+                state.restore(entry.name, entry.positions.long(), entry.values)
             p.grad.fill_(float("nan"))
             return False
-        avg = state.decompress(
-            entry.name, everyone.indices.reshape(-1), everyone.values.reshape(-1), n
-        )
+        positions = unpack_positions(entry.layout, everyone, n)
+        avg = state.decompress(entry.name, positions.reshape(-1), everyone.values.reshape(-1), n)
         p.grad.copy_(avg.view_as(p.grad))
         return True
 

@@ -15,7 +15,7 @@ from . import compressor
 from .compressor import CompressedTensor, TensorMemory
 from .config import DGCConfig
 from .stats import CompressionStats
-from .wire import BucketLayout
+from .wire import BucketLayout, index_blocks
 
 __all__ = ["DGCState"]
 
@@ -318,12 +318,14 @@ class DGCState:
             names = tuple(self.name_of(p) for p in params)
             numels = tuple(p.numel() for p in params)
             offsets = tuple(int(x) for x in torch.tensor((0, *numels[:-1])).cumsum(0))
+            ks = tuple(self.k_for(n) for n in names)
             layout = BucketLayout(
                 names=names,
                 offsets=offsets,
                 numels=numels,
-                ks=tuple(self.k_for(n) for n in names),
+                ks=ks,
                 wire_dtype=self.config.wire_dtype,
+                index_blocks=index_blocks(self.config.index_format, sum(numels), sum(ks)),
             )
             if sum(numels) > _MAX_INDEX:
                 raise ValueError(
@@ -334,7 +336,8 @@ class DGCState:
         return layout
 
     def workspace(self, layout: BucketLayout, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
-        """Reusable buffers of a bucket: its message, the gathered messages, a float32 accumulator.
+        """Reusable buffers of a bucket: its message, the gathered messages, a float32 accumulator,
+        and (block16 format) the unsorted pairs before packing.
 
         Safe to reuse across steps: DDP waits for every bucket's future before the next backward.
         """
@@ -347,6 +350,9 @@ class DGCState:
                 "gathered": torch.empty(n * layout.message_bytes, dtype=torch.uint8, device=device),
                 "dense_positions": layout.dense_positions(device),
             }
+            if layout.index_blocks:  # pairs are selected here, then sorted and packed into the message
+                ws["positions"] = torch.empty(layout.pairs, dtype=torch.int32, device=device)
+                ws["values"] = torch.empty(layout.pairs, dtype=layout.wire_dtype, device=device)
             if dtype != torch.float32:
                 ws["accumulator"] = torch.empty(sum(layout.numels), dtype=torch.float32, device=device)
             self._workspace[key] = ws

@@ -81,7 +81,9 @@ def test_synthetic_gradients_are_the_directions() -> None:
 
 # ------------------------------------------------------------------------------- byte accounting
 def _analytic_message_bytes(names: list[str], density: float, value_bytes: int) -> int:
-    """wire.py's format, computed independently: 4 + 4K + w(K + D), padded to 8 bytes."""
+    """wire.py's format, computed independently: 4 + I + w(K + D), padded to 8 bytes, where the K
+    positions take I = 4K bytes (int32) or 4B + 2K rounded up to 4 (block16, B blocks of 65536
+    elements), whichever is smaller (index_format="auto"; a tie keeps int32)."""
     params = dict(grad_shapes.build("tiny").named_parameters())
     k = d = 0
     for name in names:
@@ -90,7 +92,10 @@ def _analytic_message_bytes(names: list[str], density: float, value_bytes: int) 
             k += math.ceil(density * p.numel())
         else:
             d += p.numel()
-    raw = 4 + 4 * k + value_bytes * (k + d)
+    blocks = math.ceil(sum(params[n].numel() for n in names) / 65536)
+    block16 = 4 * blocks + math.ceil(2 * k / 4) * 4
+    index = block16 if k and block16 < 4 * k else 4 * k
+    raw = 4 + index + value_bytes * (k + d)
     return (raw + 7) // 8 * 8
 
 

@@ -51,7 +51,9 @@ def test_every_source_compiles_for_sm80_and_sm90():
 @needs_nvcc
 @pytest.mark.timeout(300)
 def test_source_given_to_nvrtc_compiles(tmp_path):
-    cupy_backend = pytest.importorskip("dgc.kernels.cupy_backend", reason="CuPy is not installed")
+    cupy_backend = pytest.importorskip(
+        "dgc.kernels.cupy_backend", reason="CuPy is not installed", exc_type=ImportError
+    )
     src = tmp_path / "nvrtc_input.cu"
     src.write_text(cupy_backend.kernel_source())
     res = _compile(src)

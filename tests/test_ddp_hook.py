@@ -73,6 +73,11 @@ def two_rank_results() -> list[list[dict]]:
         # 11/12: checkpoint mid-run == uninterrupted
         Scenario(model="conv", dgc=dict(sparse), steps=6, check_invariant=False),
         Scenario(model="conv", dgc=dict(sparse), steps=6, check_invariant=False, checkpoint_at=4),
+        # 13/14: scenario 4 with each index format forced (4 is "auto")
+        Scenario(model="conv", dgc=dict(sparse, index_format="int32"), steps=6, bucket_cap_mb=0.01),
+        Scenario(model="conv", dgc=dict(sparse, index_format="block16"), steps=6, bucket_cap_mb=0.01),
+        # 15: scenario 9 (undo after a NaN on another rank) with int32 positions
+        Scenario(model="conv", dgc=dict(sparse, index_format="int32"), nan_at=(3, 1), bucket_cap_mb=0.01),
     ]
     return _run_all(2, scenarios)
 
@@ -94,7 +99,7 @@ def test_momentum_correction_and_weight_decay_match_sgd(two_rank_results):
     assert dgc_run[0]["max_rel_err"] < 1e-5
 
 
-@pytest.mark.parametrize("i", [4, 5, 6])
+@pytest.mark.parametrize("i", [4, 5, 6, 13, 14])
 def test_sparse_invariant_and_identical_ranks(two_rank_results, i):
     results = _scenario(two_rank_results, i)
     for r in results:
@@ -134,8 +139,9 @@ def test_half_precision_gradients(two_rank_results, i):
     _assert_identical_across_ranks(results)
 
 
-def test_nonfinite_raises_everywhere_and_keeps_residuals(two_rank_results):
-    results = _scenario(two_rank_results, 9)
+@pytest.mark.parametrize("i", [9, 15])
+def test_nonfinite_raises_everywhere_and_keeps_residuals(two_rank_results, i):
+    results = _scenario(two_rank_results, i)
     for r in results:
         assert len(r["errors"]) == 1 and "non-finite gradient" in r["errors"][0], r["errors"]
         assert "FloatingPointError" in r["errors"][0] or "non-finite" in r["errors"][0]
@@ -151,6 +157,17 @@ def test_nonfinite_propagate_skips_step_and_continues(two_rank_results):
         assert r["max_rel_err"] < 1e-5
         assert all(torch.isfinite(p).all() for p in r["params"].values())
     _assert_identical_across_ranks(results)
+
+
+def test_index_formats_train_bit_identically_and_block16_is_smaller(two_rank_results):
+    auto, int32, block16 = (_scenario(two_rank_results, i) for i in (4, 13, 14))
+    for a, b, c in zip(auto, int32, block16, strict=True):
+        _assert_close_params(a["params"], b["params"], atol=0)
+        _assert_close_params(a["params"], c["params"], atol=0)
+    last = {name: r[0]["stats"][-1] for name, r in (("auto", auto), ("int32", int32), ("block16", block16))}
+    assert last["int32"]["elements_sent"] == last["block16"]["elements_sent"] > 0
+    assert last["block16"]["bytes_sent"] < last["int32"]["bytes_sent"]
+    assert last["auto"]["bytes_sent"] == last["block16"]["bytes_sent"]  # every bucket here sends > 2 pairs
 
 
 def test_checkpoint_resume_equals_uninterrupted(two_rank_results):
