@@ -85,8 +85,9 @@ class DGCConfig:
     thousand elements).  On ResNet-50 at density 0.001 it cuts a pair from 8 to ~6 bytes (float32)."""
 
     nonfinite: Literal["raise", "propagate"] = "raise"
-    """What a NaN/Inf local gradient does.  The residual and momentum are never touched by it (every rank
-    restores what it had), then: "raise" raises ``FloatingPointError`` from ``backward()`` on every rank;
+    """What a NaN/Inf local gradient does.  The step is not applied and nothing is lost: every rank puts
+    what it sent in *every* bucket of the step back into its residuals (the bad gradient itself never
+    enters them), then: "raise" raises ``FloatingPointError`` from ``backward()`` on every rank;
     "propagate" returns NaN gradients for the affected bucket, so ``torch.amp.GradScaler`` skips the step
     (use it with mixed precision)."""
 

@@ -12,14 +12,20 @@ gradients, not yet divided by the world size):
               buckets run in different orders on different ranks, and gloo then pairs the wrong messages
               (what breaks PyTorch's own PowerSGD hook on gloo with many buckets);
     Step V    in the callback, scatter-add everybody's pairs into the buffer and divide by N.
+
+The step is settled as a whole (:mod:`dgc.ledger`): a non-finite gradient in any bucket puts every
+bucket's sent values back into the residuals, and the last callback raises once all are settled.
 """
 
 # No `from __future__ import annotations`: DDP inspects the annotation of `bucket` at runtime.
+
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .ledger import StepLedger
 from .state import DGCState
 from .wire import FLAG_NONFINITE, BucketLayout, MessageView, pack_pairs, unpack_positions
 
@@ -31,13 +37,17 @@ def ddp_comm_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Fut
     buffer = bucket.buffer()
     # Step I
     layout = state.layout_for(bucket.parameters(), buffer.device)
+    state.settle(layout)  # its buffers and residuals are reused below
+    ledger = state.ledger()
+    ledger.launch(last=bucket.is_last())  # before the collective: its callback may run at once
     # Step II
     finite = not state.config.check_finite or _all_finite(buffer)
     # Steps III-V
     if layout.compressed:
-        fut = _sparse_allgather(state, layout, buffer, finite)
+        fut = _sparse_allgather(state, ledger, layout, buffer, finite)
     else:
-        fut = _dense_allreduce(state, layout, buffer, finite)
+        fut = _dense_allreduce(state, ledger, layout, buffer, finite)
+    state.track(layout, fut)
     if bucket.is_last():
         state.end_step()
     return fut
@@ -50,9 +60,9 @@ def _all_finite(t: Tensor) -> bool:
 
 
 def _dense_allreduce(
-    state: DGCState, layout: BucketLayout, buffer: Tensor, finite: bool
+    state: DGCState, ledger: StepLedger, layout: BucketLayout, buffer: Tensor, finite: bool
 ) -> torch.futures.Future[Tensor]:
-    n, step = state.world_size, state.step
+    n = state.world_size
     if finite:
         for name, off, numel in zip(layout.names, layout.offsets, layout.numels, strict=True):
             g = buffer[off : off + numel]
@@ -71,20 +81,20 @@ def _dense_allreduce(
     def finish(fut: torch.futures.Future[list[Tensor]]) -> Tensor:
         result = fut.value()[0]
         delivered = not state.config.check_finite or _all_finite(result)
-        if finite:
-            for name in layout.names:
-                state.finish_dense(name, result.dtype, delivered)
+        commit = _commit_dense(state, layout, layout.names, result.dtype) if finite else None
+        # Undelivered dense payloads stay whole in v: nothing to undo.
+        failures = ledger.settle(failed=None if delivered else "a worker", commit=commit)
         if not delivered:
-            _nonfinite(state, layout, result, "a worker", step)
-        return result
+            result.fill_(float("nan"))
+        return _report(state, layout, failures, result, ledger.step)
 
     return work.get_future().then(finish)
 
 
 def _sparse_allgather(
-    state: DGCState, layout: BucketLayout, buffer: Tensor, finite: bool
+    state: DGCState, ledger: StepLedger, layout: BucketLayout, buffer: Tensor, finite: bool
 ) -> torch.futures.Future[Tensor]:
-    n, step = state.world_size, state.step
+    n = state.world_size
     ws = state.workspace(layout, buffer.device, buffer.dtype)
     mine = MessageView.of(ws["message"], layout)
     mine.flags.fill_(0 if finite else FLAG_NONFINITE)
@@ -114,25 +124,25 @@ def _sparse_allgather(
         elements_sent=layout.pairs + layout.dense_numel,
     )
     work = _all_gather(ws["gathered"], ws["message"], state.process_group)
+    dense_names = [name for name, k in zip(layout.names, layout.ks, strict=True) if k == 0]
 
     def finish(fut: torch.futures.Future[list[Tensor]]) -> Tensor:
         everyone = MessageView.of(ws["gathered"], layout, n)
         bad = torch.nonzero(everyone.flags.reshape(-1) & FLAG_NONFINITE).reshape(-1).tolist()
+        commit = _commit_dense(state, layout, dense_names, layout.wire_dtype) if finite else None
+        undo = (lambda: _undo(state, layout, positions, values)) if finite else None
         if bad:
-            if finite:
-                _undo(state, layout, positions, values)
-            return _nonfinite(state, layout, buffer, f"rank(s) {bad}", step)
+            failures = ledger.settle(failed=f"rank(s) {bad}", commit=commit, undo=undo)
+            return _report(state, layout, failures, buffer.fill_(float("nan")), ledger.step)
         out = buffer if buffer.dtype == torch.float32 else ws["accumulator"]
         state.kernels_for(out).scatter_unpack(out, unpack_positions(layout, everyone, n), everyone.values, n)
         if layout.dense_numel:
             dense_sum = everyone.dense.float().sum(dim=0).div_(n)
             out.index_copy_(0, ws["dense_positions"], dense_sum)
-            for name, k in zip(layout.names, layout.ks, strict=True):
-                if k == 0:
-                    state.finish_dense(name, layout.wire_dtype, True)
         if out is not buffer:
             buffer.copy_(out)
-        return buffer
+        failures = ledger.settle(failed=None, commit=commit, undo=undo)
+        return _report(state, layout, failures, buffer, ledger.step)
 
     return work.get_future().then(finish)
 
@@ -143,24 +153,39 @@ def _all_gather(out: Tensor, inp: Tensor, group: dist.ProcessGroup | None) -> di
     return gather(out, inp, group=group, async_op=True)
 
 
+def _commit_dense(
+    state: DGCState, layout: BucketLayout, names: list[str] | tuple[str, ...], sent_dtype: torch.dtype
+) -> Callable[[], None] | None:
+    """What a successful step does for the bucket's dense payloads: clear them from the residuals."""
+    if not names:
+        return None
+
+    def commit() -> None:
+        for name in names:
+            state.finish_dense(name, sent_dtype, True)
+
+    return commit
+
+
 def _undo(state: DGCState, layout: BucketLayout, positions: Tensor, values: Tensor) -> None:
-    """Another worker failed: put this worker's selected pairs back into its residuals."""
+    """The step failed: put this worker's selected pairs back into its residuals (its dense payloads
+    were never cleared)."""
     pair = 0
     for name, off, k in zip(layout.names, layout.offsets, layout.ks, strict=True):
         if k:
             idx = positions[pair : pair + k].long() - off
             state.restore(name, idx, values[pair : pair + k])
             pair += k
-        else:
-            state.finish_dense(name, layout.wire_dtype, delivered=False)
 
 
-def _nonfinite(state: DGCState, layout: BucketLayout, buffer: Tensor, who: str, step: int) -> Tensor:
-    names = ", ".join(layout.names[:4]) + (" ..." if len(layout.names) > 4 else "")
-    if state.config.nonfinite == "raise":
+def _report(state: DGCState, layout: BucketLayout, failures: list[str] | None, buffer: Tensor, step: int) -> Tensor:
+    """From the callback that settled a failed step: raise (or, "propagate", return the NaN buffer)."""
+    if failures and state.config.nonfinite == "raise":
+        names = ", ".join(layout.names[:4]) + (" ..." if len(layout.names) > 4 else "")
         raise FloatingPointError(
-            f"DGC: non-finite gradient from {who} in the bucket of [{names}] at step {step}. "
-            "No update was applied and every residual was kept. Lower the learning rate or clip "
-            "gradients, or set DGCConfig(nonfinite='propagate') to hand NaN to torch.amp.GradScaler."
+            f"DGC: non-finite gradient from {'; '.join(failures)} at step {step} (last bucket settled: "
+            f"[{names}]). No update was applied and every residual was kept. Lower the learning rate "
+            "or clip gradients, or set DGCConfig(nonfinite='propagate') to hand NaN to "
+            "torch.amp.GradScaler."
         )
-    return buffer.fill_(float("nan"))
+    return buffer

@@ -14,6 +14,7 @@ from torch import Tensor
 from . import compressor
 from .compressor import CompressedTensor, TensorMemory
 from .config import DGCConfig
+from .ledger import StepLedger
 from .stats import CompressionStats
 from .wire import BucketLayout, index_blocks
 
@@ -59,6 +60,8 @@ class DGCState:
         self._params: dict[int, tuple[str, Tensor]] = {}
         self._layouts: dict[tuple[Any, ...], BucketLayout] = {}
         self._workspace: dict[tuple[Any, ...], dict[str, Tensor]] = {}
+        self._inflight: dict[tuple[str, ...], torch.futures.Future[Any]] = {}
+        self._ledger: StepLedger | None = None
         self._rng = random.Random(config.seed * 1_000_003 + self.rank)
         params = list(named_parameters)
         if not params:
@@ -335,6 +338,30 @@ class DGCState:
             self._layouts[key] = layout
         return layout
 
+    def settle(self, layout: BucketLayout) -> None:
+        """Wait until the previous step's communication of this bucket has finished.
+
+        Normally it has (DDP waits for every bucket's future before the next backward), but when one
+        bucket's callback raised (a non-finite gradient), DDP stops waiting at that bucket and the
+        others' callbacks may still be running, restoring residuals from their messages, when the
+        user catches the error and starts the next backward.  Their errors were already raised."""
+        fut = self._inflight.pop(layout.names, None)
+        if fut is not None:
+            try:
+                fut.wait()
+            except Exception:  # noqa: BLE001, S110 - reported by the step that raised it
+                pass
+
+    def ledger(self) -> StepLedger:
+        """The DDP hook's :class:`~dgc.ledger.StepLedger` of the current communication step."""
+        if self._ledger is None or self._ledger.step != self.step:
+            self._ledger = StepLedger(step=self.step)
+        return self._ledger
+
+    def track(self, layout: BucketLayout, fut: torch.futures.Future[Any]) -> None:
+        """Remember the bucket's future for :meth:`settle`."""
+        self._inflight[layout.names] = fut
+
     def workspace(self, layout: BucketLayout, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
         """Reusable buffers of a bucket: its message, the gathered messages, a float32 accumulator,
         and (block16 format) the unsorted pairs before packing.
@@ -430,6 +457,8 @@ class DGCState:
         state["_params"] = {}
         state["_layouts"] = {}
         state["_workspace"] = {}
+        state["_inflight"] = {}
+        state["_ledger"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

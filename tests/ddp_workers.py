@@ -61,6 +61,7 @@ class Scenario:
     accumulate: int = 1  # micro-batches per step, the first ones under no_sync()
     dtype: str = "float32"
     nan_at: tuple[int, int] | None = None  # (step, rank) whose local gradient gets a NaN
+    nan_param: str | None = None  # only this parameter's gradient (default: the input, so all of them)
     check_invariant: bool = True
     checkpoint_at: int | None = None  # save state at this step, rebuild everything, load, continue
 
@@ -156,10 +157,18 @@ def run_scenario(rank: int, world: int, sc: Scenario) -> dict:
                     with ddp.no_sync():
                         nn.functional.mse_loss(ddp(x), y).backward()
                     continue
-                if sc.nan_at == (step, rank):
+                poison = None
+                if sc.nan_at == (step, rank) and sc.nan_param is None:
                     x = x.clone()
                     x[0, 0] = float("nan")
-                nn.functional.mse_loss(ddp(x), y).backward()
+                elif sc.nan_at == (step, rank):
+                    target = dict(module.named_parameters())[sc.nan_param]
+                    poison = target.register_hook(lambda g: g * float("nan"))
+                try:
+                    nn.functional.mse_loss(ddp(x), y).backward()
+                finally:
+                    if poison is not None:
+                        poison.remove()
         except Exception as exc:  # noqa: BLE001 - recorded and checked by the test
             failed = f"{type(exc).__name__}: {exc}"
         grads = {
@@ -170,10 +179,15 @@ def run_scenario(rank: int, world: int, sc: Scenario) -> dict:
         if failed is None and not all(bool(torch.isfinite(g).all()) for g in grads.values()):
             failed = "propagated"
         if sc.check_invariant and state is not None:
-            nan_here = sc.nan_at == (step, rank)
+            nan_here = set()
+            if sc.nan_at == (step, rank):  # the buckets with a non-finite gradient
+                nan_here = set(names) if sc.nan_param is None else {  # this step's buckets, not step 0's
+                    n for key, lay in state._layouts.items()
+                    if key[2] == state.stats.density and sc.nan_param in lay.names for n in lay.names
+                }
             for n in names:
                 g = local[n]
-                if nan_here:  # a non-finite local gradient never enters the state
+                if n in nan_here:  # a non-finite local gradient never enters the state
                     corrected = torch.zeros_like(g)
                 elif m:
                     corrected = m * (u_prev[n] + g) + g if nesterov else m * u_prev[n] + g

@@ -78,6 +78,9 @@ def two_rank_results() -> list[list[dict]]:
         Scenario(model="conv", dgc=dict(sparse, index_format="block16"), steps=6, bucket_cap_mb=0.01),
         # 15: scenario 9 (undo after a NaN on another rank) with int32 positions
         Scenario(model="conv", dgc=dict(sparse, index_format="int32"), nan_at=(3, 1), bucket_cap_mb=0.01),
+        # 16: NaN in ONE parameter's gradient: its bucket fails, the others were delivered fine and
+        # must be put back too (the step is not applied)
+        Scenario(model="conv", dgc=dict(sparse), nan_at=(3, 1), nan_param="c2.weight", bucket_cap_mb=0.01),
     ]
     return _run_all(2, scenarios)
 
@@ -139,7 +142,7 @@ def test_half_precision_gradients(two_rank_results, i):
     _assert_identical_across_ranks(results)
 
 
-@pytest.mark.parametrize("i", [9, 15])
+@pytest.mark.parametrize("i", [9, 15, 16])
 def test_nonfinite_raises_everywhere_and_keeps_residuals(two_rank_results, i):
     results = _scenario(two_rank_results, i)
     for r in results:
