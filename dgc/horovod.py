@@ -271,15 +271,23 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
             launched.append((params, buf, handle))
         # Step III: wait, unpack, clear what was delivered from the residuals.
         n = state.world_size
+        # The step is settled as a whole: residuals are only cleared (dense payloads) or kept cleared
+        # (sent pairs) once every tensor arrived; a non-finite one anywhere puts everything back.
         failed: list[str] = []
+        sent: list[_Sparse] = []
+        delivered: list[tuple[str, torch.dtype]] = []
         for p, entry in self._handles.items():
             if isinstance(entry, _Sparse):
+                if entry.finite:
+                    sent.append(entry)
                 if not self._finish_sparse(p, entry, n):
                     failed.append(entry.name)
             elif isinstance(entry, _Dense) and entry.handle is not None:
                 hvd.synchronize(entry.handle)  # in place into p.grad
-                if not self._finish_dense(p.grad, entry):
+                if not self._arrived(p.grad):
                     failed.append(entry.name)
+                elif entry.finite:
+                    delivered.append((entry.name, p.grad.dtype))
         for params, buf, handle in launched:
             hvd.synchronize(handle)
             offset = 0
@@ -287,8 +295,16 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
                 chunk = buf[offset : offset + p.numel()]
                 offset += p.numel()
                 p.grad.copy_(chunk.view_as(p.grad))
-                if not self._finish_dense(chunk, self._handles[p]):
+                if not self._arrived(chunk):
                     failed.append(self._names[p])
+                elif self._handles[p].finite:
+                    delivered.append((self._names[p], chunk.dtype))
+        if failed:
+            for entry in sent:
+                state.restore(entry.name, entry.positions.long(), entry.values)
+        else:
+            for name, dtype in delivered:
+                state.finish_dense(name, dtype, True)
         for p in self._delay:
             self._delay[p] = self.backward_passes_per_step
         self._handles.clear()
@@ -303,30 +319,23 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
         gathered = hvd.synchronize(entry.handle)
         everyone = MessageView.of(gathered, entry.layout, n)
         if bool((everyone.flags & FLAG_NONFINITE).any()):
-            if entry.finite:  # another worker failed: put this worker's pairs back into v
-                state.restore(entry.name, entry.positions.long(), entry.values)
-            p.grad.fill_(float("nan"))
+            p.grad.fill_(float("nan"))  # synchronize() puts this worker's pairs back
             return False
         positions = unpack_positions(entry.layout, everyone, n)
         avg = state.decompress(entry.name, positions.reshape(-1), everyone.values.reshape(-1), n)
         p.grad.copy_(avg.view_as(p.grad))
         return True
 
-    def _finish_dense(self, result: Tensor, entry: _Dense) -> bool:
-        state = self._dgc
-        delivered = not state.config.check_finite or bool(
-            torch.isfinite(result.sum(dtype=torch.float32))
-        )
-        if entry.finite:
-            state.finish_dense(entry.name, result.dtype, delivered)
-        return delivered
+    def _arrived(self, result: Tensor) -> bool:
+        """Whether an allreduced dense payload is finite (every worker's was)."""
+        return not self._dgc.config.check_finite or bool(torch.isfinite(result.sum(dtype=torch.float32)))
 
     def _nonfinite(self, names: list[str], step: int) -> None:
         shown = ", ".join(names[:4]) + (" ..." if len(names) > 4 else "")
         if self._dgc.config.nonfinite == "raise":
             raise FloatingPointError(
                 f"DGC: non-finite gradient in [{shown}] at step {step} on some worker. No update "
-                "was applied to them and every residual was kept. Lower the learning rate or clip "
+                "was applied and every residual was kept (what this step sent is back in them). Lower the learning rate or clip "
                 "gradients, or set DGCConfig(nonfinite='propagate') to hand NaN to "
                 "torch.amp.GradScaler."
             )

@@ -167,6 +167,9 @@ def test_nonfinite_gradient_on_one_rank(tmp_path: Path) -> None:
         assert m["residual_finite"] and m["params_finite"], r
         assert m["unchanged"], r
         assert m["step"] == 5, r
+    partial = r["partial"]
+    assert partial["failures"] == [3], r  # one tensor's NaN on rank 1 fails the step everywhere
+    assert partial["max_rel_err"] < 1e-5, r  # ... and every tensor's sent values went back into v
 
 
 @pytest.mark.slow

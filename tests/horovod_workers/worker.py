@@ -286,7 +286,47 @@ def scenario_nonfinite(steps: int = 5) -> dict:
             "params_finite": all(bool(torch.isfinite(p).all()) for p in model.parameters()),
             "step": opt.dgc_state.step,
         }
+    out["partial"] = _partial_nonfinite()
     return out
+
+
+def _partial_nonfinite(steps: int = 5, bad_step: int = 3) -> dict:
+    """A NaN in ONE tensor's gradient on rank 1 at a sparse step: the others were delivered fine, but
+    the step is not applied, so every rank must put what it sent back: afterwards each residual is
+    v_before + (m u_before + g) for every finite local gradient, and v_before for the NaN one."""
+    cfg = dgc.DGCConfig(density=0.05, momentum=0.9, dense_steps=1, min_compress_numel=128)
+    model = make_model()
+    opt = dgc.horovod.DistributedOptimizer(dgc.DGCSGD(model.parameters(), lr=0.1), model.named_parameters(), config=cfg)
+    state = opt.dgc_state
+    data = batches(hvd.rank(), steps)
+    grads: dict[str, torch.Tensor] = {}
+    poison = dict(model.named_parameters())["fc1.weight"]
+    for name, p in model.named_parameters():
+        if p is poison:
+            p.register_hook(lambda g: g * float("nan") if grads.get("_bad") is not None else g)
+        p.register_hook(lambda g, name=name: grads.__setitem__(name, g.detach().float().clone()) or g)
+    failures, max_err = [], 0.0
+    for step in range(steps):
+        (x, y), = data[step]
+        if step == bad_step and hvd.rank() == 1:
+            grads["_bad"] = torch.ones(())
+        before = {n: (m.residual.clone(), m.momentum.clone()) for n, m in state.memory.items()}
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        try:
+            opt.synchronize()
+        except FloatingPointError:
+            failures.append(step)
+            for n, (v0, u0) in before.items():
+                g = grads[n].reshape(-1)
+                want = v0 if not bool(torch.isfinite(g).all()) else v0 + cfg.momentum * u0 + g
+                err = (state.memory[n].residual - want).abs().max().item() / (want.abs().max().item() + 1e-6)
+                max_err = max(max_err, err)
+            grads.pop("_bad", None)
+            continue
+        with opt.skip_synchronize():
+            opt.step()
+    return {"failures": failures, "max_rel_err": max_over_ranks(max_err), "step": state.step}
 
 
 SCENARIOS = {
