@@ -67,6 +67,10 @@ def _dense_allreduce(
         for name, off, numel in zip(layout.names, layout.offsets, layout.numels, strict=True):
             g = buffer[off : off + numel]
             state.compress_dense(name, g, out=g)
+        if state.track_sent:  # the allreduce overwrites the payload: keep a copy
+            payload = buffer.clone()
+            for name, off, numel in zip(layout.names, layout.offsets, layout.numels, strict=True):
+                state.note_sent(name, None, 0, payload[off : off + numel])
     state.record(
         sparse=False,
         sent=buffer.numel() * buffer.element_size(),
@@ -109,9 +113,11 @@ def _sparse_allgather(
                 idx = positions[pair : pair + k]
                 state.compress(name, g, out_indices=idx, out_values=values[pair : pair + k])
                 idx.add_(off)  # positions in the bucket, so receivers need no tensor boundaries
+                state.note_sent(name, idx, off, values[pair : pair + k])
                 pair += k
             else:
                 state.compress_dense(name, g, out=mine.dense[dense : dense + numel])
+                state.note_sent(name, None, 0, mine.dense[dense : dense + numel])
                 dense += numel
         pack_pairs(layout, mine, positions, values)
     msg_bytes = layout.message_bytes
@@ -180,6 +186,8 @@ def _undo(state: DGCState, layout: BucketLayout, positions: Tensor, values: Tens
 
 def _report(state: DGCState, layout: BucketLayout, failures: list[str] | None, buffer: Tensor, step: int) -> Tensor:
     """From the callback that settled a failed step: raise (or, "propagate", return the NaN buffer)."""
+    if failures:
+        state.forget_sent()
     if failures and state.config.nonfinite == "raise":
         names = ", ".join(layout.names[:4]) + (" ..." if len(layout.names) > 4 else "")
         raise FloatingPointError(

@@ -62,6 +62,10 @@ class DGCState:
         self._workspace: dict[tuple[Any, ...], dict[str, Tensor]] = {}
         self._inflight: dict[tuple[str, ...], torch.futures.Future[Any]] = {}
         self._ledger: StepLedger | None = None
+        self.track_sent = False
+        """Remember what each tensor sent this step, so :meth:`reclaim_unapplied` can give it back
+        (``dgc.register`` turns it on for DDP with ``find_unused_parameters`` or ``static_graph``)."""
+        self._sent: dict[str, tuple[Tensor | None, int, Tensor]] = {}
         self._rng = random.Random(config.seed * 1_000_003 + self.rank)
         params = list(named_parameters)
         if not params:
@@ -356,7 +360,40 @@ class DGCState:
         """The DDP hook's :class:`~dgc.ledger.StepLedger` of the current communication step."""
         if self._ledger is None or self._ledger.step != self.step:
             self._ledger = StepLedger(step=self.step)
+            self._sent.clear()
         return self._ledger
+
+    def note_sent(self, name: str, positions: Tensor | None, offset: int, values: Tensor) -> None:
+        """Record (views of) what tensor ``name`` sent this step: its pairs (``positions`` in the bucket,
+        ``offset`` = the tensor's start there), or, ``positions`` None, its whole dense payload."""
+        if self.track_sent:
+            self._sent[name] = (positions, offset, values)
+
+    def forget_sent(self) -> None:
+        """The step's sends were put back already (the step failed): nothing left to reclaim."""
+        self._sent.clear()
+
+    def reclaim_unapplied(self, params: Iterable[Tensor]) -> list[str]:
+        """Give back to the residuals what this step sent for parameters that received no gradient.
+
+        DDP with ``find_unused_parameters``/``static_graph`` leaves ``p.grad`` untouched (None) for a
+        parameter no rank used this step, but DGC sent, from its residual and momentum, what had
+        accumulated for it: the average arrived nowhere.  Called before the optimizer step (a step
+        pre-hook that ``dgc.register`` installs); returns the names given back."""
+        back = []
+        for p in params:
+            if p.grad is not None:
+                continue
+            entry = self._params.get(id(p))
+            sent = None if entry is None else self._sent.pop(entry[0], None)
+            if sent is None:
+                continue
+            positions, offset, values = sent
+            idx = None if positions is None else positions.long() - offset
+            self.restore(entry[0], idx, values)
+            back.append(entry[0])
+        self._sent.clear()
+        return back
 
     def track(self, layout: BucketLayout, fut: torch.futures.Future[Any]) -> None:
         """Remember the bucket's future for :meth:`settle`."""
@@ -459,6 +496,7 @@ class DGCState:
         state["_workspace"] = {}
         state["_inflight"] = {}
         state["_ledger"] = None
+        state["_sent"] = {}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -38,13 +38,17 @@ class ConvNet(nn.Module):
         self.bn = nn.BatchNorm2d(32)
         self.fc1 = nn.Linear(32 * 4 * 4, 64)
         self.fc2 = nn.Linear(64, 10)
-        self.extra = nn.Linear(64, 64) if unused else None  # never called: an unused parameter
+        self.extra = nn.Linear(64, 64) if unused else None  # unused: never, or only while use_extra
+        self.use_extra = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.c1(x))
         x = torch.max_pool2d(torch.relu(self.c2(x)), 2)
         x = torch.max_pool2d(torch.relu(self.bn(self.c3(x))), 2)
-        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+        h = torch.relu(self.fc1(x.flatten(1)))
+        if self.extra is not None and self.use_extra:
+            h = h + self.extra(h)
+        return self.fc2(h)
 
 
 @dataclass(kw_only=True)
@@ -62,6 +66,7 @@ class Scenario:
     dtype: str = "float32"
     nan_at: tuple[int, int] | None = None  # (step, rank) whose local gradient gets a NaN
     nan_param: str | None = None  # only this parameter's gradient (default: the input, so all of them)
+    extra_until: int | None = None  # find_unused: ConvNet.extra is used (on every rank) before this step only
     check_invariant: bool = True
     checkpoint_at: int | None = None  # save state at this step, rebuild everything, load, continue
 
@@ -134,6 +139,8 @@ def run_scenario(rank: int, world: int, sc: Scenario) -> dict:
             opt.load_state_dict(ckpt["opt"])
             state.load_state_dict(ckpt["dgc"])
         batches = [_batch(sc.model, gen, dtype) for _ in range(sc.accumulate)]
+        if sc.extra_until is not None:
+            module.use_extra = ref.use_extra = step < sc.extra_until
         # This rank's local gradient, from an identical non-DDP copy.
         ref.load_state_dict(module.state_dict())
         ref.zero_grad()
@@ -178,6 +185,8 @@ def run_scenario(rank: int, world: int, sc: Scenario) -> dict:
         }
         if failed is None and not all(bool(torch.isfinite(g).all()) for g in grads.values()):
             failed = "propagated"
+        if failed is None:
+            opt.step()  # before the check: it gives back what parameters without a gradient were sent
         if sc.check_invariant and state is not None:
             nan_here = set()
             if sc.nan_at == (step, rank):  # the buckets with a non-finite gradient
@@ -209,8 +218,6 @@ def run_scenario(rank: int, world: int, sc: Scenario) -> dict:
             errors.append(failed)
             if failed != "propagated":
                 break  # DDP's reducer is not reusable after an exception inside backward
-            continue
-        opt.step()
     return {
         "params": {n: p.detach().float().clone() for n, p in module.named_parameters()},
         "grads": grads_log,
