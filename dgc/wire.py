@@ -156,7 +156,9 @@ def pack_pairs(layout: BucketLayout, view: MessageView, positions: Tensor, value
     pos, order = positions.sort(stable=True)
     torch.index_select(values, 0, order, out=view.values)
     pos = pos.long()
-    view.counts.copy_(torch.bincount(pos >> 16, minlength=layout.index_blocks))
+    # Counts from the sorted positions by binary search: no device synchronization (bincount has one).
+    ends = torch.searchsorted(pos, torch.arange(1, layout.index_blocks + 1, device=pos.device) << 16)
+    view.counts.copy_(torch.diff(ends, prepend=ends.new_zeros(1)))
     low = pos & (BLOCK - 1)
     view.indices.copy_(low - ((low >> 15) << 16))  # 0..65535 -> int16 without overflow
 
