@@ -182,7 +182,7 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
                 f"dgc.horovod: parameter {name!r} has a sparse gradient (nn.Embedding(sparse=True)); "
                 "DGC needs dense gradients: use sparse=False."
             )
-        finite = not state.config.check_finite or bool(torch.isfinite(grad.sum(dtype=torch.float32)))
+        finite = state.finite(grad)
         if state.is_compressed(name):
             layout = state.layout_for([p], grad.device)
             message = self._message(layout, grad.device)
@@ -284,7 +284,7 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
                     failed.append(entry.name)
             elif isinstance(entry, _Dense) and entry.handle is not None:
                 hvd.synchronize(entry.handle)  # in place into p.grad
-                if not self._arrived(p.grad):
+                if not self._dgc.finite(p.grad):
                     failed.append(entry.name)
                 elif entry.finite:
                     delivered.append((entry.name, p.grad.dtype))
@@ -295,7 +295,7 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
                 chunk = buf[offset : offset + p.numel()]
                 offset += p.numel()
                 p.grad.copy_(chunk.view_as(p.grad))
-                if not self._arrived(chunk):
+                if not self._dgc.finite(chunk):
                     failed.append(self._names[p])
                 elif self._handles[p].finite:
                     delivered.append((self._names[p], chunk.dtype))
@@ -325,10 +325,6 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
         avg = state.decompress(entry.name, positions.reshape(-1), everyone.values.reshape(-1), n)
         p.grad.copy_(avg.view_as(p.grad))
         return True
-
-    def _arrived(self, result: Tensor) -> bool:
-        """Whether an allreduced dense payload is finite (every worker's was)."""
-        return not self._dgc.config.check_finite or bool(torch.isfinite(result.sum(dtype=torch.float32)))
 
     def _nonfinite(self, names: list[str], step: int) -> None:
         shown = ", ".join(names[:4]) + (" ..." if len(names) > 4 else "")

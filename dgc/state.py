@@ -356,6 +356,11 @@ class DGCState:
             except Exception:  # noqa: BLE001, S110 - reported by the step that raised it
                 pass
 
+    def finite(self, t: Tensor) -> bool:
+        """Whether ``t`` has no NaN/Inf (always True with ``check_finite=False``).  A float32 sum is finite
+        iff every element is (barring overflow past 3e38), and ~10x cheaper than isfinite().all() on a CPU."""
+        return not self.config.check_finite or bool(torch.isfinite(t.sum(dtype=torch.float32)))
+
     def ledger(self) -> StepLedger:
         """The DDP hook's :class:`~dgc.ledger.StepLedger` of the current communication step."""
         if self._ledger is None or self._ledger.step != self.step:
