@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .config import DGCConfig
+from .kernels.reference import saturate
 
 __all__ = [
     "CompressedTensor",
@@ -141,7 +142,7 @@ def compress_dense(memory: TensorMemory, grad: Tensor, config: DGCConfig, out: T
     else:
         torch.add(g, u, alpha=config.momentum, out=u)
         v.add_(u)
-    out.reshape(-1).copy_(v)
+    out.reshape(-1).copy_(saturate(v, out.dtype))
     return out
 
 
@@ -154,4 +155,4 @@ def finish_dense(memory: TensorMemory, sent_dtype: torch.dtype, delivered: bool)
     if sent_dtype == torch.float32:
         v.zero_()
     else:
-        v.sub_(v.to(sent_dtype).float())
+        v.sub_(saturate(v, sent_dtype).to(sent_dtype).float())

@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 from typing import NamedTuple
 
-import torch
 from torch import Tensor
 
 from .kernels import Backend, backend_for
@@ -48,7 +47,6 @@ def topk_select(
     if offset is None:
         offset = random.randrange(max(1, round(1.0 / sample_ratio)))
     kernels = backend_for(flat.device, backend)
-    # The kernels rank float32 magnitudes (the residuals they serve are float32).
-    work = flat if flat.dtype == torch.float32 else flat.float()
-    indices = kernels.select_topk(work, k, sample_ratio=sample_ratio, offset=offset)
+    # Both backends rank float16/bfloat16/float32/float64 magnitudes in their own dtype (exactly): no copy.
+    indices = kernels.select_topk(flat, k, sample_ratio=sample_ratio, offset=offset)
     return Selection(indices, flat.index_select(0, indices))

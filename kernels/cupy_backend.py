@@ -4,8 +4,9 @@ Importing this module raises ``ImportError`` when CuPy is missing; :func:`is_ava
 CUDA device can run the kernels.  The CUDA C lives next to this file (``dgc_common.cuh`` and ``*.cu``):
 it is read from the package directory, the header inlined, and compiled once per device by NVRTC
 (``cupy.RawModule`` under ``@cupy.memoize(for_each_device=True)``).  Every launch goes to PyTorch's
-current stream (``cupy.cuda.ExternalStream``), and tensors are shared without copies through
-``__cuda_array_interface__`` (``cupy.asarray``); bfloat16 travels as int16 and is decoded in-kernel.
+current stream (``cupy.cuda.ExternalStream``), and tensors are shared without copies by DLPack
+(``cupy.from_dlpack``); bfloat16 travels as int16 and is decoded in-kernel.  On devices below sm_80 the
+bfloat16 cast is compiled in integer arithmetic (``DGC_SOFT_BF16``), with the same rounding.
 
 The kernels (see the .cu files for the exact arithmetic):
 
@@ -152,13 +153,15 @@ def _warp_blocks(name: str, index: int, numel: int, args: tuple) -> None:
 
 
 def _arr(t: Tensor) -> cupy.ndarray:
-    """Zero-copy CuPy view of a CUDA tensor; bfloat16 as int16 and bool as uint8 (same bytes)."""
+    """Zero-copy CuPy view of a CUDA tensor, shared by DLPack; bfloat16 as int16 and bool as uint8 (same
+    bytes: CuPy has no bfloat16).  Called inside :func:`_on_torch_stream`, so the consumer stream CuPy
+    hands to ``__dlpack__`` is PyTorch's current stream and no synchronization is inserted."""
     t = t.detach()
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)
     elif t.dtype == torch.bool:
         t = t.view(torch.uint8)
-    return cupy.asarray(t)
+    return cupy.from_dlpack(t)
 
 
 def _opt(t: Tensor | None) -> tuple[object, np.int32]:

@@ -43,7 +43,7 @@ extern "C" __global__ void dgc_fused_update(
                 }
                 residual[i] = v;
                 if (live) {
-                    m = fmaxf(m, fabsf(v));
+                    m = dgc_nan_max(fabsf(v), m);
                 }
             }
         }

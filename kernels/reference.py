@@ -52,6 +52,7 @@ __all__ = [
     "compress_step",
     "exact_threshold",
     "sampled_threshold",
+    "saturate",
     "scatter_unpack",
     "select_topk",
 ]
@@ -420,7 +421,8 @@ def compress_step(
     1. momentum correction ``u <- beta*u + g`` (Nesterov: ``u <- beta*(u + g)``, and v gets ``u + g``);
     2. local accumulation ``v <- v + u``;
     3. selection of the ``k`` entries of largest ``|v|`` (masked entries never), as :func:`select_topk`;
-    4. packing: ``out_indices`` (int32) and ``out_values`` (wire dtype) receive the pairs;
+    4. packing: ``out_indices`` (int32) and ``out_values`` (wire dtype, saturated to its finite range, see
+       :func:`saturate`) receive the pairs;
     5. momentum factor masking: ``u[sel] <- 0``; ``v[sel] <- v[sel] - sent`` (zero in float32; the wire
        dtype's rounding error otherwise, so nothing is lost).
 
@@ -471,7 +473,7 @@ def compress_step(
     # Step 4
     sent = v.index_select(0, idx)
     out_indices.copy_(idx)
-    out_values.copy_(sent)
+    out_values.copy_(saturate(sent, out_values.dtype))
     # Step 5
     if out_values.dtype == torch.float32:
         v.index_fill_(0, idx, 0.0)
@@ -480,6 +482,17 @@ def compress_step(
     if u is not None and momentum_masking:
         u.index_fill_(0, idx, 0.0)
     return idx
+
+
+def saturate(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` clamped to the finite range of ``dtype`` (the wire dtype), NaN unchanged; ``x`` itself when
+    ``dtype`` holds every float32.  Cast after this, a value beyond the wire's range sends the largest
+    finite value and leaves the excess in the residual, where a plain cast would send inf (poisoning
+    every rank's sum) and leave -inf behind.  The kernels do the same (``dgc_saturate``)."""
+    if dtype in (torch.float32, torch.float64) or not x.is_floating_point():
+        return x
+    limit = torch.finfo(dtype).max
+    return x.clamp(-limit, limit)
 
 
 def scatter_unpack(out: Tensor, indices: Tensor, values: Tensor, world_size: int) -> Tensor:

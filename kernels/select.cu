@@ -21,7 +21,7 @@ extern "C" __global__ void dgc_block_absmax(
         for (int h = 0; h < DGC_BLOCK / DGC_WARP; ++h) {
             const long long i = b * DGC_BLOCK + h * DGC_WARP + lane;
             if (i < n && (!has_mask || mask[i] != 0)) {
-                m = fmaxf(m, fabsf(dgc_load(x, i, kind)));
+                m = dgc_nan_max(fabsf(dgc_load(x, i, kind)), m);
             }
         }
         m = dgc_warp_max(m);

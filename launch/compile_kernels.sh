@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compile every CUDA source of dgc.kernels (kernels/*.cu) with nvcc for sm_80 (A100) and sm_90 (H100):
+# Compile every CUDA source of dgc.kernels (kernels/*.cu) with nvcc for sm_75 (T4; bfloat16 casts in integer arithmetic), sm_80 (A100) and sm_90 (H100):
 # each file on its own, and all of them in one translation unit (as NVRTC gets them from
 # cupy_backend.kernel_source()).  Fails on any error or warning, ptxas included (double-precision
 # instructions, register spills, local memory).  Needs nvcc, not a GPU.
@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 
 NVCC=${NVCC:-nvcc}
 JOBS=${JOBS:-$(nproc 2>/dev/null || echo 2)}
-ARCHS=(80 90)
+ARCHS=(75 80 90)
 FLAGS=(-std=c++17 --Werror all-warnings
        -Xptxas --warn-on-double-precision-use,--warn-on-spills,--warn-on-local-memory-usage)
 

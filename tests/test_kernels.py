@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from types import ModuleType
 
 import dgc.kernels
+import numpy as np
 import pytest
 import torch
 from dgc.kernels import reference
@@ -221,6 +222,16 @@ def test_block_absmax(impl, dtype, n):
         assert torch.equal(got.cpu().double(), want)
 
 
+def test_block_absmax_propagates_nan(impl):
+    """A NaN makes its block's maximum NaN (torch's amax; CUDA's fmaxf would drop it), so no block
+    holding a NaN ever counts as reaching a threshold, in the twin and the kernels alike."""
+    x = torch.randn(200)
+    x[70] = float("nan")
+    for t in (x, x.to(torch.bfloat16)):
+        got = impl.module.block_absmax(t.to(impl.device)).cpu()
+        assert torch.isnan(got).tolist() == [False, True, False, False]
+
+
 def test_candidates_above(impl):
     gen = torch.Generator().manual_seed(4)
     n = 3000 + 5
@@ -307,6 +318,62 @@ def _run_step(impl: Impl, s: Step, gen: torch.Generator, steps: int = 3):
 @pytest.mark.parametrize("s", STEPS, ids=lambda s: f"n{s.n}-k{s.k}-{s.wire}-{s.grad}".replace("torch.", ""))
 def test_compress_step_matches_naive(impl, s):
     _run_step(impl, s, torch.Generator().manual_seed(s.n + s.k))
+
+
+@pytest.mark.parametrize("wire", [torch.float16, torch.bfloat16])
+def test_compress_step_saturates_the_wire(impl, wire):
+    """Beyond the wire's range: the largest finite value is sent and the excess stays in v (twin and
+    kernel alike); NaN would pass through (the hook refuses non-finite gradients before this)."""
+    limit = torch.finfo(wire).max
+    big = 1e5 if wire == torch.float16 else 3.4e38
+    n, dev = 300, impl.device
+    g = torch.zeros(n)
+    g[5], g[200], g[299] = big, -big, 1.0
+    v = torch.zeros(n, device=dev)
+    out_i = torch.empty(3, dtype=torch.int32, device=dev)
+    out_v = torch.empty(3, dtype=wire, device=dev)
+    impl.module.compress_step(
+        g.to(dev), None, v, beta=0.0, nesterov=False, k=3, sample_ratio=1.0, offset=0,
+        momentum_masking=False, out_indices=out_i, out_values=out_v,
+    )  # fmt: skip
+    assert out_i.cpu().tolist() == [5, 200, 299]
+    assert out_v.cpu().float().tolist() == [limit, -limit, 1.0]
+    left = v.cpu()
+    assert torch.isfinite(left).all()
+    assert left[5].item() == torch.tensor(big).sub(limit).item() and left[200].item() == -left[5].item()
+    assert left[299].item() == 0.0
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["cvt", "soft_bf16"])
+def test_emulated_bf16_cast_rounds_like_torch(soft):
+    """The bfloat16 wire cast, bit for bit against torch on awkward float32s (ties, subnormals, the
+    largest values, NaN): the PTX cvt path, and the integer path that devices below sm_80 compile."""
+    from test_kernels_emulator import available, emulated_backend
+
+    why = available()
+    if why:
+        pytest.skip(why)
+    module, _ = emulated_backend(define=("DGC_SOFT_BF16",) if soft else ())
+    gen = torch.Generator().manual_seed(11)
+    bits = torch.randint(-(2**31), 2**31 - 1, (4000,), generator=gen, dtype=torch.int64).to(torch.int32)
+    special = torch.tensor(
+        [0.0, -0.0, 1.0, 1.00390625, 1.01171875, 1.0 + 2**-9, 1.0 + 3 * 2**-9, 1e-40, -1e-45, 3.38e38,
+         3.3895314e38, -3.39e38, 3.4e38, float("nan")], dtype=torch.float32,
+    )  # fmt: skip
+    x = torch.cat((bits.view(torch.float32), special))
+    x = x[torch.isfinite(x) | torch.isnan(x)]
+    n = x.numel()
+    v = x.clone()
+    out_i = torch.empty(n, dtype=torch.int32)
+    out_v = torch.empty(n, dtype=torch.bfloat16)
+    args = (module._arr(torch.arange(n)), np.int64(n), module._arr(v), module._NULL, np.int32(0),
+            module._arr(out_i), module._arr(out_v), np.int32(2))  # fmt: skip
+    module._launch("dgc_pack", 0, n, module._THREADS, args)
+    want = reference.saturate(x, torch.bfloat16).to(torch.bfloat16)
+    got = out_v
+    both_nan = torch.isnan(got) & torch.isnan(want)
+    assert both_nan.sum() == torch.isnan(x).sum()
+    assert torch.equal(got[~both_nan].view(torch.int16), want[~both_nan].view(torch.int16))
 
 
 def test_compress_step_random_data_is_consistent(impl):

@@ -3,7 +3,7 @@
 No GPU is needed: the exact source ``cupy_backend.kernel_source()`` hands to NVRTC is compiled with g++
 against a tiny CUDA shim in which every CUDA thread is an OS thread and the 32 lanes of a warp meet at a
 barrier in each ``__ballot_sync`` / ``__shfl_xor_sync`` (so a warp-divergent collective deadlocks here as
-it would misbehave on a GPU).  A stand-in ``cupy`` module (memoize, RawModule, asarray, streams) lets
+it would misbehave on a GPU).  A stand-in ``cupy`` module (memoize, RawModule, from_dlpack, streams) lets
 ``kernels/cupy_backend.py`` itself run unmodified on CPU tensors; every kernel argument is checked
 against the C signature (pointer dtypes, int vs long long vs float) before the launch.
 
@@ -87,6 +87,7 @@ static float __shfl_xor_sync(unsigned int mask, float v, int lane_mask) {
 }
 static int __popc(unsigned int x) { return __builtin_popcount(x); }
 static float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
+static unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
 static float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
 
 // PTX cvt instructions (the source's asm statements are rewritten into these calls).
@@ -203,7 +204,7 @@ def available() -> str | None:
 
 
 class _Array:
-    """What ``cupy.asarray`` returns here: the tensor (kept alive), its dtype and address."""
+    """What ``cupy.from_dlpack`` returns here: the tensor (kept alive), its dtype and address."""
 
     def __init__(self, t: torch.Tensor) -> None:
         if not t.is_contiguous():
@@ -262,7 +263,7 @@ def _fake_cupy(launches: list) -> types.ModuleType:
     cupy.RawKernel = _Kernel
     cupy.ndarray = _Array
     cupy.memoize = memoize
-    cupy.asarray = _Array
+    cupy.from_dlpack = _Array
     cupy.cuda = types.SimpleNamespace(
         Device=lambda index: contextlib.nullcontext(),
         ExternalStream=lambda handle, index=-1: contextlib.nullcontext(),
@@ -271,11 +272,15 @@ def _fake_cupy(launches: list) -> types.ModuleType:
     return cupy
 
 
-def emulated_backend(threads: int = 64, ctas_per_sm: int = 2) -> tuple[types.ModuleType, list]:
+def emulated_backend(
+    threads: int = 64, ctas_per_sm: int = 2, define: tuple[str, ...] = ()
+) -> tuple[types.ModuleType, list]:
     """A private copy of ``dgc.kernels.cupy_backend`` whose kernels run on the CPU emulator.
 
     Returns the module and the list that records every launch (name, grid, block).  Small launches
     (``threads`` per CTA, ``ctas_per_sm`` CTAs on one "SM") make the grid-stride loops iterate.
+    ``define`` names preprocessor macros put in front of the source (e.g. ``DGC_SOFT_BF16``: the
+    bfloat16 cast that devices below sm_80 compile).
     """
     launches: list = []
     saved = sys.modules.get("cupy")
@@ -291,6 +296,9 @@ def emulated_backend(threads: int = 64, ctas_per_sm: int = 2) -> tuple[types.Mod
             sys.modules.pop("cupy", None)
         else:
             sys.modules["cupy"] = saved
+    if define:
+        source = module.kernel_source
+        module.kernel_source = lambda: "".join(f"#define {d} 1\n" for d in define) + source()
     original_need_cuda = module._need_cuda
 
     def need_cpu(name, t, device=None):  # the CPU plays the GPU

@@ -73,8 +73,22 @@ def test_select_topk_kernel_equals_twin(cb, n, sample_ratio):
         assert_same_topk(x.abs(), got, want, k)
 
 
+@pytest.mark.parametrize("n", [1, 63, 1000, 2**20 + 3, 16_000_001])
+@pytest.mark.parametrize("sample_ratio", [0.01, 1.0])
+def test_select_topk_index_set_is_literally_torch_topk_without_ties(cb, n, sample_ratio):
+    """Distinct magnitudes (a permutation of 1..n, exact in float32 up to 2**24): no ties, so the index
+    set must be exactly torch.topk's, whatever path (sample, retries, block threshold) found it."""
+    gen = torch.Generator(device="cuda").manual_seed(n)
+    mag = torch.randperm(n, device="cuda", generator=gen).add_(1).float()
+    sign = torch.where(torch.rand(n, device="cuda", generator=gen) < 0.5, -1.0, 1.0)
+    x = mag * sign
+    for k in sorted({1, _k(n), _k(n, 0.05), n if n < 2**21 else 1}):
+        got = cb.select_topk(x, k, sample_ratio=sample_ratio, offset=n % 89)
+        assert torch.equal(got, torch.topk(mag, k).indices.sort().values)
+
+
 @pytest.mark.parametrize("dtype", WIRE)
-@pytest.mark.parametrize("n", [65, 1000, 2**20 + 3, 25_000_000])
+@pytest.mark.parametrize("n", [65, 1000, 2**20 + 3, 25_000_000, 100_000_000])
 def test_select_topk_dtypes_and_masks(cb, dtype, n):
     gen = torch.Generator(device="cuda").manual_seed(7)
     x = torch.randn(n, device="cuda", generator=gen).to(dtype)
@@ -134,7 +148,7 @@ def test_compress_step_kernel_equals_twin(cb, n, wire):
     assert not ku[ki].any()  # momentum factor masking
 
 
-@pytest.mark.parametrize("n", [1, 1000, 2**20 + 3, 25_000_000])
+@pytest.mark.parametrize("n", [1, 1000, 2**20 + 3, 25_000_000, 100_000_000])
 @pytest.mark.parametrize("world", [1, 2, 8])
 @pytest.mark.parametrize("wire", WIRE)
 def test_scatter_unpack_kernel_equals_twin_bitwise(cb, n, world, wire):
@@ -161,12 +175,34 @@ def test_kernels_follow_the_current_stream(cb):
     assert_same_topk(x.abs(), idx, want, 1000)
 
 
-def _ddp_run(backend: str, steps: int = 4) -> dict[str, torch.Tensor]:
+def test_topk_select_dispatches_to_the_kernels_and_can_be_forced(cb, monkeypatch):
+    """dgc.topk_select on a CUDA tensor runs the CuPy kernel (auto), or the twin when forced."""
+    calls = []
+    for module in (cb, reference):
+        real = module.select_topk
+        monkeypatch.setattr(module, "select_topk", lambda *a, _r=real, _m=module, **kw: calls.append(_m) or _r(*a, **kw))
+    x = torch.randn(100_000, device="cuda")
+    for backend, want in (("auto", cb), ("cupy", cb), ("torch", reference)):
+        calls.clear()
+        idx, values = dgc.topk_select(x, 100, backend=backend)
+        assert calls == [want], backend
+        assert idx.device.type == "cuda" and values.numel() == 100
+        assert torch.equal(values.abs().sort().values, torch.topk(x.abs(), 100).values.sort().values)
+    with pytest.raises(RuntimeError, match="backend='cupy' needs CUDA tensors"):
+        dgc.topk_select(x.cpu(), 100, backend="cupy")
+
+
+def _ddp_run(
+    backend: str, steps: int = 4, value_dtype: str = "float32", index_format: str = "auto"
+) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)).cuda()
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()])
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
-    cfg = dgc.DGCConfig(density=0.01, dense_steps=1, min_compress_numel=64, backend=backend)
+    cfg = dgc.DGCConfig(
+        density=0.01, dense_steps=1, min_compress_numel=64, backend=backend, value_dtype=value_dtype,
+        index_format=index_format,
+    )  # fmt: skip
     state = dgc.register(ddp, opt, cfg)
     data = torch.randn(steps, 32, 64, device="cuda")
     target = torch.randint(0, 10, (steps, 32), device="cuda")
@@ -180,7 +216,11 @@ def _ddp_run(backend: str, steps: int = 4) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def test_ddp_hook_on_nccl_world_size_1():
+@pytest.mark.parametrize(
+    ("value_dtype", "index_format"),
+    [("float32", "auto"), ("float32", "int32"), ("float16", "block16"), ("bfloat16", "block16")],
+)
+def test_ddp_hook_on_nccl_world_size_1(value_dtype, index_format):
     import torch.distributed as dist
 
     if not dist.is_nccl_available():
@@ -188,8 +228,8 @@ def test_ddp_hook_on_nccl_world_size_1():
     with tempfile.TemporaryDirectory() as tmp:
         dist.init_process_group("nccl", init_method=f"file://{os.path.join(tmp, 'init')}", rank=0, world_size=1)
         try:
-            with_kernels = _ddp_run("cupy")
-            with_twins = _ddp_run("torch")
+            with_kernels = _ddp_run("cupy", value_dtype=value_dtype, index_format=index_format)
+            with_twins = _ddp_run("torch", value_dtype=value_dtype, index_format=index_format)
         finally:
             dist.destroy_process_group()
     for name, p in with_kernels.items():

@@ -107,6 +107,32 @@ def test_half_wire_keeps_rounding_error_in_residual():
     assert left.abs().max() > 0
 
 
+@pytest.mark.parametrize("wire", ["float16", "bfloat16"])
+@pytest.mark.parametrize("dense", [False, True])
+def test_half_wire_saturates_and_keeps_the_excess(wire, dense):
+    """An entry beyond the wire dtype's range (GradScaler-scaled gradients pass 65,504 easily) sends the
+    largest finite value and keeps the rest in the residual: never inf on the wire, never -inf left."""
+    limit = torch.finfo(getattr(torch, wire)).max
+    big = 1e5 if wire == "float16" else 3.4e38
+    (s,) = _states(1, (1000,), density=0.002, momentum=0.0, value_dtype=wire)
+    g = torch.zeros(1, 1000)
+    g[0, 3], g[0, 7] = big, -big
+    if dense:
+        out = s.compress_dense("w", g.clone())
+        sent = out.reshape(-1)[[3, 7]]
+        s.finish_dense("w", out.dtype, True)
+    else:
+        c = s.compress("w", g.clone())
+        assert sorted(c.indices.tolist()) == [3, 7]
+        sent = c.values[c.indices.argsort()]
+    assert sent.tolist() == [limit, -limit]
+    v = s.memory["w"].residual
+    assert torch.isfinite(v).all()
+    assert v[3].item() == torch.tensor(big).sub(limit).item() and v[7].item() == -v[3].item()
+    # Nothing lost: what was sent plus what is left is what came in.
+    torch.testing.assert_close(sent.float() + v[[3, 7]], g.reshape(-1)[[3, 7]], rtol=1e-7, atol=0)
+
+
 def test_masks_never_selected_and_state_stays_zero():
     (s,) = _states(2, (40, 50), density=0.5, momentum=0.9)[:1]
     mask = torch.rand(40, 50, generator=torch.Generator().manual_seed(0)) > 0.7
