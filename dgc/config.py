@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+import numbers
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 import torch
@@ -105,6 +106,7 @@ class DGCConfig:
     """Rank 0 logs the compression statistics every this many communication steps (0 = off)."""
 
     def __post_init__(self) -> None:
+        self._check_types()
         _check(0.0 < self.density <= 1.0, "density", self.density, "0 < density <= 1 (0.001 = 99.9% sparsity)")
         _check(0.0 <= self.momentum < 1.0, "momentum", self.momentum, "0 <= momentum < 1 (0 = top-k with error feedback)")
         _check(0.0 < self.sample_ratio <= 1.0, "sample_ratio", self.sample_ratio, "0 < sample_ratio <= 1 (1 = exact)")
@@ -136,6 +138,19 @@ class DGCConfig:
         _check(_is_int(self.log_every) and self.log_every >= 0, "log_every", self.log_every, "an integer >= 0 (0 = off)")
         _check(self.backend in ("auto", "torch", "cupy"), "backend", self.backend, "'auto', 'torch' or 'cupy'")
 
+    def _check_types(self) -> None:
+        """Numbers must be numbers and flags must be bools, so that ``density="0.1"`` or ``nesterov="yes"``
+        (a typo in a config file) fails here, naming the field, rather than deep inside a step."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "bool":
+                _check(isinstance(value, bool), f.name, value, "True or False")
+            elif f.type in ("float", "float | None"):
+                ok = (value is None and f.type.endswith("None")) or (_is_real(value) and math.isfinite(value))
+                _check(ok, f.name, value, "a finite number" + (" or None" if f.type.endswith("None") else ""))
+            elif f.type == "int":
+                _check(_is_int(value), f.name, value, "an integer")
+
     @property
     def wire_dtype(self) -> torch.dtype:
         """``value_dtype`` as a torch dtype."""
@@ -157,7 +172,11 @@ class DGCConfig:
 
 
 def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _check(ok: bool, field: str, value: object, constraint: str) -> None:

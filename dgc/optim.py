@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from functools import partial
 from typing import Any
 
 import torch
@@ -81,10 +80,6 @@ def check_optimizer(optimizer: torch.optim.Optimizer, config: DGCConfig) -> None
             )
 
 
-def _reclaim(state: DGCState, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    state.reclaim_unapplied(p for group in optimizer.param_groups for p in group["params"])
-
-
 def register(
     ddp_model: torch.nn.parallel.DistributedDataParallel,
     optimizer: torch.optim.Optimizer | None,
@@ -113,13 +108,10 @@ def register(
             state.process_group = process_group
     if optimizer is not None:
         check_optimizer(optimizer, state.config)
+    # What DGC sends for a parameter that then gets no gradient (DDP with find_unused_parameters or
+    # static_graph) comes back to its residual before the optimizer step: DGCState does that itself, for
+    # every optimizer (a global step pre-hook), so the plain register_comm_hook call is as safe.
     ddp_model.register_comm_hook(state, ddp_comm_hook)
-    if getattr(ddp_model, "find_unused_parameters", False) or getattr(ddp_model, "static_graph", False):
-        # DDP gives a parameter that no rank used no gradient: what DGC sent for it comes back to the
-        # residual before the optimizer step instead of being lost.
-        state.track_sent = True
-        if optimizer is not None:
-            optimizer.register_step_pre_hook(partial(_reclaim, state))
     if state.rank == 0:
         n = sum(m.numel for m in state.memory.values())
         sparse = sum(m.numel for m in state.memory.values() if m.compressed)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import random
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from . import compressor
 from .compressor import CompressedTensor, TensorMemory
@@ -23,6 +25,10 @@ __all__ = ["DGCState"]
 log = logging.getLogger(__name__)
 
 _MAX_INDEX = 2**31 - 1  # indices travel as int32
+
+
+STATE_META = ("step", "world_size", "rank", "config")
+"""Keys of :meth:`DGCState.state_dict` that are not parameter names."""
 
 
 class DGCState:
@@ -62,9 +68,11 @@ class DGCState:
         self._workspace: dict[tuple[Any, ...], dict[str, Tensor]] = {}
         self._inflight: dict[tuple[str, ...], torch.futures.Future[Any]] = {}
         self._ledger: StepLedger | None = None
-        self.track_sent = False
-        """Remember what each tensor sent this step, so :meth:`reclaim_unapplied` can give it back
-        (``dgc.register`` turns it on for DDP with ``find_unused_parameters`` or ``static_graph``)."""
+        self.track_sent = True
+        """Remember what each tensor sent this step, so that :meth:`reclaim_unapplied` can give back what
+        was sent for a parameter that then got no gradient (DDP with ``find_unused_parameters`` or
+        ``static_graph``).  Costs a copy of dense-allreduce buckets; False turns it off for models
+        where every parameter is always used."""
         self._sent: dict[str, tuple[Tensor | None, int, Tensor]] = {}
         self._rng = random.Random(config.seed * 1_000_003 + self.rank)
         params = list(named_parameters)
@@ -97,6 +105,7 @@ class DGCState:
                 live=p.numel(),
             )
         self.bind(params)
+        _watch(self)
 
     # ------------------------------------------------------------------ topology
     @property
@@ -383,21 +392,22 @@ class DGCState:
 
         DDP with ``find_unused_parameters``/``static_graph`` leaves ``p.grad`` untouched (None) for a
         parameter no rank used this step, but DGC sent, from its residual and momentum, what had
-        accumulated for it: the average arrived nowhere.  Called before the optimizer step (a step
-        pre-hook that ``dgc.register`` installs); returns the names given back."""
+        accumulated for it: the average arrived nowhere.  Runs before every optimizer step, from a
+        global optimizer step pre-hook (``torch.optim.optimizer.register_optimizer_step_pre_hook``) that
+        the first DGCState installs, so the plain ``register_comm_hook`` path is covered as well as
+        ``dgc.register``; only the entries of ``params`` are settled (another optimizer may hold the
+        rest).  Returns the names given back.  (``zero_grad(set_to_none=False)`` leaves a zero tensor
+        where DDP wrote nothing, indistinguishable from a zero average: use the default.)"""
         back = []
         for p in params:
-            if p.grad is not None:
-                continue
             entry = self._params.get(id(p))
             sent = None if entry is None else self._sent.pop(entry[0], None)
-            if sent is None:
+            if sent is None or p.grad is not None:
                 continue
             positions, offset, values = sent
             idx = None if positions is None else positions.long() - offset
             self.restore(entry[0], idx, values)
             back.append(entry[0])
-        self._sent.clear()
         return back
 
     def track(self, layout: BucketLayout, fut: torch.futures.Future[Any]) -> None:
@@ -429,27 +439,39 @@ class DGCState:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Per parameter name its ``momentum`` and ``residual`` (parameter-shaped float32; momentum
-        None when m = 0), plus ``step``, ``world_size``, ``rank`` and the config, loadable with
-        ``torch.load(weights_only=True)``.  Each rank saves its own: residuals differ between ranks."""
-        return {
-            "step": self.step,
-            "world_size": self.world_size,
-            "rank": self.rank,
-            "config": self.config.to_dict(),
-            "params": {
-                name: {
-                    "momentum": None if m.momentum is None else m.momentum.view(m.shape).clone(),
-                    "residual": m.residual.view(m.shape).clone(),
-                    "mask": None if m.mask is None else m.mask.view(m.shape).clone(),
-                }
-                for name, m in self.memory.items()
-            },
+        """Per parameter name, ``{"momentum": u, "residual": v, "mask": m}`` (parameter-shaped; u and v
+        float32, u None when m = 0, mask None unless pruning set one), plus :data:`STATE_META` keys:
+        ``step``, ``world_size``, ``rank`` and ``config`` (a dict).  Loadable with
+        ``torch.load(weights_only=True)``.  Each rank saves its own: residuals differ between ranks.
+
+        >>> sd = state.state_dict(); sd["fc.weight"]["residual"].shape, sd["step"]
+        """
+        clash = sorted(set(self.memory) & set(STATE_META))
+        if clash:
+            raise ValueError(
+                f"DGC state: parameter name(s) {clash} collide with the state_dict's own keys "
+                f"{sorted(STATE_META)}: rename the module attribute."
+            )
+        out: dict[str, Any] = {
+            name: {
+                "momentum": None if m.momentum is None else m.momentum.view(m.shape).clone(),
+                "residual": m.residual.view(m.shape).clone(),
+                "mask": None if m.mask is None else m.mask.view(m.shape).clone(),
+            }
+            for name, m in self.memory.items()
         }
+        out.update(step=self.step, world_size=self.world_size, rank=self.rank, config=self.config.to_dict())
+        return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` exactly; raises ``ValueError`` naming any mismatch (parameter
-        names or shapes, world size, rank, momentum on/off)."""
+        names or shapes, world size, rank, momentum on/off).  Also reads the layout of dgc <= 0.1, whose
+        per-parameter entries sat under a ``"params"`` key."""
+        missing_meta = sorted(k for k in ("step", "world_size", "rank") if k not in state)
+        if missing_meta:
+            raise ValueError(
+                f"not a DGC state_dict: the keys {missing_meta} are missing (expected DGCState.state_dict())."
+            )
         ws, rank = int(state["world_size"]), int(state["rank"])
         if ws != self.world_size:
             raise ValueError(
@@ -460,7 +482,8 @@ class DGCState:
             raise ValueError(
                 f"DGC state of rank {rank} loaded on rank {self.rank}: load each rank's own state."
             )
-        saved = state["params"]
+        legacy = "params" in state and "params" not in self.memory and isinstance(state["params"], Mapping)
+        saved = state["params"] if legacy else {k: v for k, v in state.items() if k not in STATE_META}
         if set(saved) != set(self.memory):
             extra, missing = sorted(set(saved) - set(self.memory)), sorted(set(self.memory) - set(saved))
             raise ValueError(
@@ -506,8 +529,30 @@ class DGCState:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        _watch(self)
 
     def __repr__(self) -> str:
         n = sum(m.numel for m in self.memory.values())
         return f"DGCState(step={self.step}, tensors={len(self.memory)}, elements={n}, config={self.config})"
 
+
+_LIVE: weakref.WeakSet[DGCState] = weakref.WeakSet()
+_STEP_HOOK: Any = None
+
+
+def _reclaim_before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """Global optimizer step pre-hook: every live DGCState gives back what it sent for the optimizer's
+    parameters that received no gradient (see :meth:`DGCState.reclaim_unapplied`)."""
+    params: list[Tensor] | None = None
+    for state in list(_LIVE):
+        if state._sent:
+            if params is None:
+                params = [p for group in optimizer.param_groups for p in group["params"]]
+            state.reclaim_unapplied(params)
+
+
+def _watch(state: DGCState) -> None:
+    global _STEP_HOOK
+    _LIVE.add(state)
+    if _STEP_HOOK is None:
+        _STEP_HOOK = register_optimizer_step_pre_hook(_reclaim_before_step)

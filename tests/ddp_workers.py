@@ -69,6 +69,7 @@ class Scenario:
     extra_until: int | None = None  # find_unused: ConvNet.extra is used (on every rank) before this step only
     check_invariant: bool = True
     checkpoint_at: int | None = None  # save state at this step, rebuild everything, load, continue
+    plain_hook: bool = False  # ddp.register_comm_hook(DGCState(...), ddp_comm_hook) instead of dgc.register
 
 
 def _model(name: str, unused: bool) -> nn.Module:
@@ -106,7 +107,13 @@ def _setup(sc: Scenario, dtype: torch.dtype):
         find_unused_parameters=sc.find_unused,
     )
     opt = _optimizer(sc.opt, ddp.parameters(), sc.lr)
-    state = None if sc.dgc is None else dgc.register(ddp, opt, dgc.DGCConfig(**sc.dgc))
+    if sc.dgc is None:
+        state = None
+    elif sc.plain_hook:  # the contract's one line, without dgc.register's checks
+        state = dgc.DGCState(dgc.DGCConfig(**sc.dgc), module.named_parameters())
+        ddp.register_comm_hook(state, dgc.ddp_comm_hook)
+    else:
+        state = dgc.register(ddp, opt, dgc.DGCConfig(**sc.dgc))
     return module, ddp, opt, state
 
 

@@ -32,6 +32,16 @@ import dgc
         ("value_dtype", torch.float64),
         ("nonfinite", "ignore"),
         ("backend", "triton"),
+        ("density", "0.1"),  # a string from a config file
+        ("density", True),  # a bool is not a number here
+        ("density", float("nan")),
+        ("momentum", None),
+        ("clip_norm", "1"),
+        ("nesterov", "yes"),
+        ("momentum_masking", None),
+        ("check_finite", 1),
+        ("seed", 1.5),
+        ("log_every", "100"),
     ],
 )
 def test_invalid_field_names_itself(field, value):

@@ -84,6 +84,11 @@ def two_rank_results() -> list[list[dict]]:
         # 17: a parameter used for 3 steps, then by no rank: DDP gives it no gradient, so what DGC
         # sends for it from its residual and momentum is given back at optimizer.step()
         Scenario(model="conv", dgc=dict(sparse), find_unused=True, extra_until=3, steps=7, bucket_cap_mb=0.01),
+        # 18: the same with the plain register_comm_hook line (no dgc.register): DGCState gives it back
+        Scenario(
+            model="conv", dgc=dict(sparse), find_unused=True, extra_until=3, steps=7, bucket_cap_mb=0.01,
+            plain_hook=True,
+        ),  # fmt: skip
     ]
     return _run_all(2, scenarios)
 
@@ -105,7 +110,7 @@ def test_momentum_correction_and_weight_decay_match_sgd(two_rank_results):
     assert dgc_run[0]["max_rel_err"] < 1e-5
 
 
-@pytest.mark.parametrize("i", [4, 5, 6, 13, 14, 17])
+@pytest.mark.parametrize("i", [4, 5, 6, 13, 14, 17, 18])
 def test_sparse_invariant_and_identical_ranks(two_rank_results, i):
     results = _scenario(two_rank_results, i)
     for r in results:

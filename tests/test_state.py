@@ -166,8 +166,14 @@ def test_state_dict_round_trip_weights_only():
     for _ in range(3):
         s.compress("w", torch.randn(30, 40))
         s.end_step()
+    sd = s.state_dict()
+    # The contract's layout: per parameter name its momentum and residual, plus the step.
+    assert sd["step"] == 3 and sd["world_size"] == 1 and sd["rank"] == 0
+    assert set(sd) == {"w", "step", "world_size", "rank", "config"}
+    assert torch.equal(sd["w"]["momentum"], s.memory["w"].momentum.view(30, 40))
+    assert torch.equal(sd["w"]["residual"], s.memory["w"].residual.view(30, 40))
     buf = io.BytesIO()
-    torch.save(s.state_dict(), buf)
+    torch.save(sd, buf)
     buf.seek(0)
     loaded = torch.load(buf, weights_only=True)
     (t,) = _states(1, (30, 40), density=0.1, momentum=0.9)
@@ -179,6 +185,23 @@ def test_state_dict_round_trip_weights_only():
     g = torch.randn(30, 40)
     a, b = s.compress("w", g.clone()), t.compress("w", g.clone())
     assert torch.equal(a.indices, b.indices) and torch.equal(a.values, b.values)
+
+
+def test_load_state_dict_reads_the_nested_layout_of_earlier_versions():
+    (s,) = _states(1, (30, 40), density=0.1, momentum=0.9)
+    s.compress("w", torch.randn(30, 40))
+    s.end_step()
+    sd = s.state_dict()
+    legacy = {k: sd[k] for k in ("step", "world_size", "rank", "config")} | {"params": {"w": sd["w"]}}
+    (t,) = _states(1, (30, 40), density=0.1, momentum=0.9)
+    t.load_state_dict(legacy)
+    assert t.step == 1 and torch.equal(t.memory["w"].residual, s.memory["w"].residual)
+
+
+def test_state_dict_refuses_a_parameter_named_like_its_own_keys():
+    st_ = dgc.DGCState(dgc.DGCConfig(), [("step", nn.Parameter(torch.zeros(4, 4)))])
+    with pytest.raises(ValueError, match="'step'.*rename"):
+        st_.state_dict()
 
 
 def test_load_state_dict_mismatches_are_named():
@@ -197,6 +220,8 @@ def test_load_state_dict_mismatches_are_named():
     (no_momentum,) = _states(1, (30, 40), density=0.1, momentum=0.0)
     with pytest.raises(ValueError, match="momentum"):
         no_momentum.load_state_dict(sd)
+    with pytest.raises(ValueError, match="not a DGC state_dict"):
+        s.load_state_dict({"w": sd["w"]})
 
 
 def test_pickle_drops_process_group_and_needs_bind():
