@@ -45,7 +45,7 @@ def test_wheel_contains_kernels_and_imports(tmp_path):
 def test_readme_ddp_example_runs_on_two_processes(tmp_path):
     readme = (ROOT / "README.md").read_text()
     example = re.findall(r"```python\n(.*?)```", readme, re.S)[0]
-    assert "dgc.register" in example
+    assert "ddp_model.register_comm_hook(state, dgc.ddp_comm_hook)" in example  # the one line
     script = tmp_path / "toy.py"
     script.write_text(example)
     out = subprocess.run(
