@@ -128,7 +128,8 @@ def compress(
 
 def compress_dense(memory: TensorMemory, grad: Tensor, config: DGCConfig, out: Tensor) -> Tensor:
     """Steps 1-2 for a dense-path tensor: v becomes everything to send and ``out`` (any float dtype, may
-    alias ``grad``) receives a copy.  v keeps it until :func:`finish_dense` learns whether it arrived."""
+    alias ``grad``) receives a copy: of all of v, or, with ``memory.live`` elements, of its live entries
+    only (a pruned tensor's payload without the pruned coordinates, which are zero in v anyway).  v keeps it until :func:`finish_dense` learns whether it arrived."""
     g = grad.reshape(-1)
     v = memory.residual
     u = memory.momentum
@@ -142,7 +143,16 @@ def compress_dense(memory: TensorMemory, grad: Tensor, config: DGCConfig, out: T
     else:
         torch.add(g, u, alpha=config.momentum, out=u)
         v.add_(u)
-    out.reshape(-1).copy_(saturate(v, out.dtype))
+    flat = out.reshape(-1)
+    if flat.numel() == v.numel():
+        flat.copy_(saturate(v, out.dtype))
+    elif memory.mask is not None and flat.numel() == memory.live:  # pruned: the live entries only
+        flat.copy_(saturate(torch.masked_select(v, memory.mask), out.dtype))
+    else:
+        raise ValueError(
+            f"compress_dense: out has {flat.numel()} elements for {memory.name!r}, which has {v.numel()} "
+            f"({memory.live} live)"
+        )
     return out
 
 

@@ -62,22 +62,27 @@ def _dense_allreduce(
             g = buffer[off : off + numel]
             state.compress_dense(name, g, out=g)
         if state.track_sent:  # the allreduce overwrites the payload: keep a copy
-            payload = buffer.clone()
+            kept = buffer.clone()
             for name, off, numel in zip(layout.names, layout.offsets, layout.numels, strict=True):
-                state.note_sent(name, None, 0, payload[off : off + numel])
+                state.note_sent(name, None, 0, kept[off : off + numel])
+    # Pruned coordinates (zero in the payload) stay home: only the live entries are reduced.
+    live = state.dense_positions(layout, buffer.device) if layout.dense_numel < buffer.numel() else None
+    payload = buffer if live is None else buffer.index_select(0, live)
     state.record(
         sparse=False,
-        sent=buffer.numel() * buffer.element_size(),
-        received=buffer.numel() * buffer.element_size(),
+        sent=payload.numel() * payload.element_size(),
+        received=payload.numel() * payload.element_size(),
         dense=buffer.numel() * buffer.element_size(),
         elements=buffer.numel(),
-        elements_sent=buffer.numel(),
+        elements_sent=payload.numel(),
     )
-    buffer.div_(n)
-    work = dist.all_reduce(buffer, group=state.process_group, async_op=True)
+    payload.div_(n)
+    work = dist.all_reduce(payload, group=state.process_group, async_op=True)
 
     def finish(fut: torch.futures.Future[list[Tensor]]) -> Tensor:
         result = fut.value()[0]
+        if live is not None:
+            result = buffer.zero_().index_copy_(0, live, result)
         delivered = state.finite(result)
         commit = _commit_dense(state, layout, layout.names, result.dtype) if finite else None
         # Undelivered dense payloads stay whole in v: nothing to undo.
@@ -101,7 +106,9 @@ def _sparse_allgather(
     values = ws.get("values", mine.values)
     if finite:
         pair, dense = 0, 0
-        for name, off, numel, k in zip(layout.names, layout.offsets, layout.numels, layout.ks, strict=True):
+        for i, (name, off, numel, k) in enumerate(
+            zip(layout.names, layout.offsets, layout.numels, layout.ks, strict=True)
+        ):
             g = buffer[off : off + numel]
             if k:
                 idx = positions[pair : pair + k]
@@ -110,9 +117,10 @@ def _sparse_allgather(
                 state.note_sent(name, idx, off, values[pair : pair + k])
                 pair += k
             else:
-                state.compress_dense(name, g, out=mine.dense[dense : dense + numel])
-                state.note_sent(name, None, 0, mine.dense[dense : dense + numel])
-                dense += numel
+                size = layout.dense_size(i)  # a pruned tensor: its live entries only
+                state.compress_dense(name, g, out=mine.dense[dense : dense + size])
+                state.note_sent(name, None, 0, mine.dense[dense : dense + size])
+                dense += size
         pack_pairs(layout, mine, positions, values)
     msg_bytes = layout.message_bytes
     state.record(

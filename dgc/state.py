@@ -66,6 +66,7 @@ class DGCState:
         self._params: dict[int, tuple[str, Tensor]] = {}
         self._layouts: dict[tuple[Any, ...], BucketLayout] = {}
         self._workspace: dict[tuple[Any, ...], dict[str, Tensor]] = {}
+        self._dense_positions: dict[tuple[Any, ...], Tensor] = {}
         self._inflight: dict[tuple[str, ...], torch.futures.Future[Any]] = {}
         self._ledger: StepLedger | None = None
         self.track_sent = True
@@ -187,6 +188,7 @@ class DGCState:
                 mem.momentum.mul_(flat)
         self._layouts.clear()
         self._workspace.clear()
+        self._dense_positions.clear()
 
     # ------------------------------------------------------------------ per-tensor API
     @property
@@ -268,9 +270,12 @@ class DGCState:
 
     def restore(self, name: str, indices: Tensor | None, sent: Tensor) -> None:
         """Put values that were packed but never delivered back into the residual (indices None: all)."""
-        v = self.memory[name].residual
-        if indices is None:
+        mem = self.memory[name]
+        v = mem.residual
+        if indices is None and sent.numel() == v.numel():
             v.add_(sent.reshape(-1).float())
+        elif indices is None:  # a pruned tensor's dense payload: its live entries only
+            v.index_add_(0, torch.nonzero(mem.mask).reshape(-1), sent.reshape(-1).float())
         else:
             v.index_add_(0, indices.long(), sent.float())
 
@@ -342,6 +347,8 @@ class DGCState:
                 ks=ks,
                 wire_dtype=self.config.wire_dtype,
                 index_blocks=index_blocks(self.config.index_format, sum(numels), sum(ks)),
+                # pruned coordinates never travel, on the dense path either
+                dense_sizes=tuple(0 if k else self.memory[n].live for n, k in zip(names, ks, strict=True)),
             )
             if sum(numels) > _MAX_INDEX:
                 raise ValueError(
@@ -414,6 +421,16 @@ class DGCState:
         """Remember the bucket's future for :meth:`settle`."""
         self._inflight[layout.names] = fut
 
+    def dense_positions(self, layout: BucketLayout, device: torch.device) -> Tensor:
+        """Bucket positions of what the layout's dense tensors send: every element, or the live ones of
+        a pruned tensor (cached until the masks change)."""
+        key = (layout, device)
+        pos = self._dense_positions.get(key)
+        if pos is None:
+            masks = tuple(self.memory[n].mask for n in layout.names)
+            pos = self._dense_positions[key] = layout.dense_positions(device, masks)
+        return pos
+
     def workspace(self, layout: BucketLayout, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
         """Reusable buffers of a bucket: its message, the gathered messages, a float32 accumulator,
         and (block16 format) the unsorted pairs before packing.
@@ -427,7 +444,7 @@ class DGCState:
             ws = {
                 "message": torch.zeros(layout.message_bytes, dtype=torch.uint8, device=device),
                 "gathered": torch.empty(n * layout.message_bytes, dtype=torch.uint8, device=device),
-                "dense_positions": layout.dense_positions(device),
+                "dense_positions": self.dense_positions(layout, device),
             }
             if layout.index_blocks:  # pairs are selected here, then sorted and packed into the message
                 ws["positions"] = torch.empty(layout.pairs, dtype=torch.int32, device=device)
@@ -514,6 +531,7 @@ class DGCState:
         self.step = int(state["step"])
         self._layouts.clear()
         self._workspace.clear()
+        self._dense_positions.clear()
 
     def __getstate__(self) -> dict[str, Any]:
         # Like PowerSGDState: a process group cannot be pickled; neither can id()-keyed caches.
@@ -522,6 +540,7 @@ class DGCState:
         state["_params"] = {}
         state["_layouts"] = {}
         state["_workspace"] = {}
+        state["_dense_positions"] = {}
         state["_inflight"] = {}
         state["_ledger"] = None
         state["_sent"] = {}

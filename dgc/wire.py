@@ -60,6 +60,10 @@ class BucketLayout:
     wire_dtype: torch.dtype
     index_blocks: int = 0
     """0: int32 positions; > 0: the block16 format with this many blocks (see the module docstring)."""
+    dense_sizes: tuple[int, ...] = ()
+    """Elements each tensor puts in the message's dense region: 0 for a sparse tensor, else its live
+    count (a pruned tensor sends only its unpruned entries; see :meth:`dense_positions`).  Empty: every
+    dense tensor sends all its elements."""
 
     @property
     def index_format(self) -> str:
@@ -78,7 +82,13 @@ class BucketLayout:
 
     @property
     def dense_numel(self) -> int:
+        if self.dense_sizes:
+            return sum(self.dense_sizes)
         return sum(n for n, k in zip(self.numels, self.ks, strict=True) if k == 0)
+
+    def dense_size(self, i: int) -> int:
+        """Elements tensor ``i`` puts in the dense region."""
+        return self.dense_sizes[i] if self.dense_sizes else (self.numels[i] if self.ks[i] == 0 else 0)
 
     @property
     def compressed(self) -> bool:
@@ -91,13 +101,18 @@ class BucketLayout:
         raw = _HEADER + self.index_bytes + w * (self.pairs + self.dense_numel)
         return _round_up(raw, _ALIGN)
 
-    def dense_positions(self, device: torch.device) -> Tensor:
-        """Bucket positions of the dense tensors' elements, in message order (int64)."""
-        parts = [
-            torch.arange(o, o + n, device=device)
-            for o, n, k in zip(self.offsets, self.numels, self.ks, strict=True)
-            if k == 0
-        ]
+    def dense_positions(self, device: torch.device, masks: tuple[Tensor | None, ...] = ()) -> Tensor:
+        """Bucket positions of the dense tensors' elements, in message order (int64); with ``masks``
+        (one flat bool tensor or None per tensor), only the live elements of a masked tensor."""
+        parts = []
+        for i, (o, n, k) in enumerate(zip(self.offsets, self.numels, self.ks, strict=True)):
+            if k:
+                continue
+            mask = masks[i] if masks else None
+            if mask is None:
+                parts.append(torch.arange(o, o + n, device=device))
+            else:
+                parts.append(torch.nonzero(mask.to(device)).reshape(-1).add_(o))
         return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64, device=device)
 
 

@@ -234,3 +234,48 @@ def run_scenario(rank: int, world: int, sc: Scenario) -> dict:
         "residual_finite": state is None
         or all(bool(torch.isfinite(mem.residual).all()) for mem in state.memory.values()),
     }
+
+
+def run_pruned_traffic(rank: int, world: int, steps: int) -> dict:
+    """DDP + DGC with pruning masks on a compressed and on a dense-path weight: what each step sends
+    and what arrives at the pruned coordinates (see tests/test_pruned_traffic.py)."""
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 5))  # 640 / 320 weights
+    ddp = DDP(module)
+    opt = dgc.DGCSGD(ddp.parameters(), lr=0.05)
+    cfg = dgc.DGCConfig(density=0.05, min_compress_numel=400, dense_steps=2)  # 0.weight sparse, 2.weight dense
+    state = dgc.register(ddp, opt, cfg)
+    gen = torch.Generator().manual_seed(123)  # the same masks on every rank
+    masks = {"0.weight": torch.rand(64, 10, generator=gen) < 0.5, "2.weight": torch.rand(5, 64, generator=gen) < 0.3}
+    state.set_masks(masks)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name in masks:
+                p.mul_(masks[name])
+    data = torch.Generator().manual_seed(rank)
+    out: dict = {"stats": [], "grad_at_pruned": [], "state_at_pruned": [], "first_grad": None, "first_want": None}
+    for step in range(steps):
+        x, y = torch.randn(16, 10, generator=data), torch.randn(16, 5, generator=data)
+        opt.zero_grad()
+        local = torch.autograd.grad(nn.functional.mse_loss(module(x), y), list(module.parameters()))
+        nn.functional.mse_loss(ddp(x), y).backward()
+        grads = dict((n, p.grad.clone()) for n, p in module.named_parameters())
+        if step == 0:  # dense step, u = g: the average of the masked local gradients
+            want = {}
+            for (n, _), g in zip(module.named_parameters(), local, strict=True):
+                g = g * masks[n] if n in masks else g.clone()
+                dist.all_reduce(g)
+                want[n] = g / world
+            out["first_grad"], out["first_want"] = grads, want
+        opt.step()
+        out["stats"].append(state.stats.to_dict())
+        out["grad_at_pruned"].append(max(grads[n][~m].abs().max().item() for n, m in masks.items()))
+        out["state_at_pruned"].append(max(
+            max(state.memory[n].residual[~m.reshape(-1)].abs().max().item(),
+                state.memory[n].momentum[~m.reshape(-1)].abs().max().item())
+            for n, m in masks.items()
+        ))  # fmt: skip
+    out["live"] = {n: int(m.sum()) for n, m in masks.items()}
+    out["numel"] = {n: p.numel() for n, p in module.named_parameters()}
+    out["params"] = {n: p.detach().clone() for n, p in module.named_parameters()}
+    return out
