@@ -21,7 +21,9 @@ compute the same thing, only the transport differs.  Per parameter, per step:
               again (checked with :func:`dgc.check_optimizer`).
 
 Horovod's semantics are kept: ``synchronize()`` / ``skip_synchronize()`` (for gradient clipping or
-``torch.amp.GradScaler``), ``backward_passes_per_step`` (local accumulation), and the error when
+``torch.amp.GradScaler``; a second ``synchronize()`` with no backward pass in between, as a plain
+``step()`` after ``synchronize()`` makes, sends nothing), ``backward_passes_per_step`` (local
+accumulation), and the error when
 ``zero_grad()`` is called between ``backward()`` and ``step()``.  ``state_dict()`` carries the DGC state
 (momentum, residual, step) under the key ``"dgc"``; each rank saves its own, since residuals differ.
 
@@ -143,6 +145,9 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
         self._handles: dict[Tensor, _Sparse | _Dense | None] = {}
         self._messages: dict[BucketLayout, Tensor] = {}
         self._synchronized = False
+        # A gradient hook fired since the last synchronize(): without one, a second synchronize()
+        # has nothing new to send (see synchronize()).
+        self._new_grads = False
         self._should_synchronize = True
         self._requires_update: list[Tensor] = []
         self._hook_handles = []
@@ -167,10 +172,17 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ Step I: the gradient hook
     def _on_grad(self, p: Tensor) -> None:
         if self._handles.get(p) is not None and self._delay[p] <= 0:
+            # Horovod's error (same first sentence), with the numbers and the way out.
             raise AssertionError(
                 "Gradients were computed more than backward_passes_per_step times before call "
-                "to step(). Increase backward_passes_per_step to accumulate gradients locally."
+                f"to step(): parameter {self._names[p]!r} got a gradient after "
+                f"backward_passes_per_step={self.backward_passes_per_step} backward passes since "
+                "the last step()/synchronize(). Call optimizer.step() after every "
+                f"{self.backward_passes_per_step} backward pass(es), or increase "
+                "backward_passes_per_step (DistributedOptimizer argument or "
+                "set_backward_passes_per_step) to accumulate gradients locally."
             )
+        self._new_grads = True
         self._delay[p] -= 1
         self._handles[p] = self._launch(p) if self._delay[p] == 0 else None
 
@@ -236,7 +248,20 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ Steps II-III
     def synchronize(self) -> None:
-        """Finish this step's communication: afterwards ``p.grad`` holds the DGC average."""
+        """Finish this step's communication: afterwards ``p.grad`` holds the DGC average.
+
+        A second call with no backward pass since the last one does nothing: ``p.grad`` already
+        holds the average (maybe clipped since), and sending it again would feed it through momentum
+        and residual a second time and advance the DGC step twice.  (Horovod re-averages there,
+        which leaves identical gradients unchanged; ``step()`` still warns, as Horovod does.)  A call
+        right after ``step()`` with no backward pass, as ``hvd.broadcast_optimizer_state`` makes,
+        is a real step: every parameter sends its current ``p.grad`` (zeros where None).  After a
+        ``FloatingPointError`` (``nonfinite="raise"``) the step counts as not synchronized, so a
+        retried ``step()`` sends again instead of applying the failed gradients.
+        """
+        if self._synchronized and not self._new_grads:
+            return
+        self._new_grads = False
         if not self._process_set.included():
             self._synchronized = True
             return
@@ -310,7 +335,9 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
         self._handles.clear()
         step = state.step
         state.end_step()
-        self._synchronized = True
+        # After a raised failure nothing valid is in p.grad: leave the step unsynchronized, so that a
+        # retried step() sends again (and fails again) instead of applying it.
+        self._synchronized = not (failed and state.config.nonfinite == "raise")
         if failed:
             self._nonfinite(failed, step)
 
@@ -395,6 +422,7 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
         dgc_sd = sd.pop("dgc", None)
         self._handles.clear()
         self._synchronized = False
+        self._new_grads = False
         self._should_synchronize = True
         for p in self._delay:
             self._delay[p] = self.backward_passes_per_step

@@ -11,7 +11,8 @@
 #   * CMake: Horovod's bundled gloo needs CMake < 4 (CMake 4 refuses its old
 #     cmake_minimum_required). We use the first cmake < 4 found (PATH, then /usr/bin, /usr/local/bin)
 #     and put it first on PATH; set HOROVOD_CMAKE=/path/to/cmake to choose one.
-#   * Idempotent: exits 0 at once if `import horovod.torch` already works.
+#   * Idempotent: exits 0 at once when Horovod $HOROVOD_VERSION is installed with its PyTorch
+#     extension and Gloo (and NCCL where this script would build it); otherwise says why and builds.
 #
 # Usage (from the repo root, inside the venv you train with):
 #   source .venv/bin/activate && bash launch/install_horovod.sh
@@ -30,18 +31,52 @@ command -v "$PYTHON" >/dev/null 2>&1 || die "'$PYTHON' not found; activate your 
 say "python: $(command -v "$PYTHON") ($("$PYTHON" -c 'import sys; print(sys.version.split()[0])'))"
 
 # --- 0. Already installed? ----------------------------------------------------------------------
+# Usable = Horovod $HOROVOD_VERSION, its PyTorch extension imports, Gloo is built in, and NCCL too
+# where step 2 would build it (torch is a CUDA build and nvcc is found, or HOROVOD_GPU_OPERATIONS=NCCL).
+# Prints one line: what is installed, or why it is not usable.
 check_horovod() {
-  "$PYTHON" - <<'EOF' 2>/dev/null
-import horovod, horovod.torch as hvd
-from horovod.common.util import extension_available
-assert extension_available("torch"), "horovod was built without PyTorch"
-print(f"horovod {horovod.__version__}: torch extension OK, gloo={hvd.gloo_built()}, "
-      f"nccl={bool(hvd.nccl_built())}")
+  local nvcc=0
+  command -v nvcc >/dev/null 2>&1 && nvcc=1
+  HVD_WANT_VERSION="$HOROVOD_VERSION" HVD_NVCC="$nvcc" HVD_OPS_SET="${HOROVOD_GPU_OPERATIONS+1}" \
+    HVD_OPS="${HOROVOD_GPU_OPERATIONS:-}" "$PYTHON" - <<'EOF' 2>&1 | tail -n1
+import os
+import sys
+
+try:
+    import horovod
+    import horovod.torch as hvd
+    from horovod.common.util import extension_available
+except Exception as e:  # noqa: BLE001
+    sys.exit(f"horovod.torch does not import ({type(e).__name__}: {e})".splitlines()[0])
+import torch
+
+want = os.environ["HVD_WANT_VERSION"]
+if os.environ["HVD_OPS_SET"]:
+    want_nccl = os.environ["HVD_OPS"] == "NCCL"
+else:
+    want_nccl = bool(torch.version.cuda) and os.environ["HVD_NVCC"] == "1"
+gloo, nccl = bool(hvd.gloo_built()), bool(hvd.nccl_built())
+problems = []
+if horovod.__version__ != want:
+    problems.append(f"version {horovod.__version__}, not HOROVOD_VERSION={want}")
+if not extension_available("torch"):
+    problems.append("built without PyTorch")
+if not gloo:
+    problems.append("built without Gloo")
+if want_nccl and not nccl:
+    problems.append("built without NCCL, which this script builds here (CUDA torch + nvcc, or HOROVOD_GPU_OPERATIONS=NCCL)")
+if problems:
+    sys.exit(f"horovod {horovod.__version__} is installed but " + "; ".join(problems))
+print(f"horovod {horovod.__version__}: torch extension OK, gloo={gloo}, nccl={nccl}")
 EOF
 }
-if [[ "${FORCE:-0}" != "1" ]] && out="$(check_horovod)"; then
+if [[ "${FORCE:-0}" == "1" ]]; then
+  say "FORCE=1: rebuilding"
+elif out="$(check_horovod)"; then
   say "already installed: $out"
   exit 0
+else
+  say "${out:-no usable Horovod}: building horovod==$HOROVOD_VERSION"
 fi
 
 # --- 1. Prerequisites ---------------------------------------------------------------------------
@@ -94,11 +129,17 @@ if [[ -z "${HOROVOD_GPU_OPERATIONS+set}" ]]; then
     nccl_home="$("$PYTHON" -c 'import nvidia.nccl, os; print(os.path.dirname(nvidia.nccl.__file__) if nvidia.nccl.__file__ else list(nvidia.nccl.__path__)[0])' 2>/dev/null || true)"
     if [[ -n "$nccl_home" && -z "${HOROVOD_NCCL_HOME:-}" ]]; then
       export HOROVOD_NCCL_HOME="$nccl_home"
-      [[ -e "$nccl_home/lib/libnccl.so" ]] || ln -sf "$(ls "$nccl_home"/lib/libnccl.so.* | head -n1)" "$nccl_home/lib/libnccl.so" 2>/dev/null || true
+      libs=("$nccl_home"/lib/libnccl.so.*)
+      [[ -e "$nccl_home/lib/libnccl.so" || ! -e "${libs[0]}" ]] \
+        || ln -sf "${libs[0]}" "$nccl_home/lib/libnccl.so" 2>/dev/null || true
     fi
     say "torch CUDA $torch_cuda + nvcc found: building with NCCL (HOROVOD_NCCL_HOME=${HOROVOD_NCCL_HOME:-system})"
+  elif [[ -n "$torch_cuda" ]]; then
+    echo "install_horovod: WARNING: torch is a CUDA $torch_cuda build but nvcc is not on PATH:" \
+         "building Horovod WITHOUT NCCL (Gloo only; GPU tensors are staged through host memory)." \
+         "Put the CUDA toolkit's bin/ on PATH and rerun with FORCE=1 for NCCL." >&2
   else
-    say "torch is a CPU build or nvcc is missing: CPU-only build (Gloo)"
+    say "torch is a CPU build: CPU-only build (Gloo)"
   fi
 else
   say "HOROVOD_GPU_OPERATIONS='${HOROVOD_GPU_OPERATIONS}' (from environment)"
@@ -113,9 +154,13 @@ say "downloading horovod==$HOROVOD_VERSION sdist into $WORK"
 # --no-build-isolation: pip reads the sdist's metadata with the packages installed above instead
 # of fetching a separate build environment.
 "$PYTHON" -m pip download --quiet --no-deps --no-binary :all: --no-build-isolation \
-  -d "$WORK" "horovod==$HOROVOD_VERSION"
-sdist="$(ls "$WORK"/horovod-*.tar.gz | head -n1)"
-[[ -f "$sdist" ]] || die "download gave no sdist in $WORK"
+  -d "$WORK" "horovod==$HOROVOD_VERSION" \
+  || die "pip download horovod==$HOROVOD_VERSION failed (pip's output above): check HOROVOD_VERSION" \
+         "and that the package index is reachable."
+sdists=("$WORK"/horovod-*.tar.gz)  # the pattern itself when nothing matched
+[[ -f "${sdists[0]}" ]] || die "pip download gave no horovod-$HOROVOD_VERSION sdist (.tar.gz) in" \
+  "$WORK (it holds: $(cd "$WORK" && echo *)); the index must serve the source distribution."
+sdist="${sdists[0]}"
 tar -xzf "$sdist" -C "$WORK"
 SRC="$WORK/horovod-$HOROVOD_VERSION"
 [[ -d "$SRC" ]] || die "unexpected sdist layout: $(ls "$WORK")"
@@ -131,7 +176,8 @@ for f in "$SRC/CMakeLists.txt" "$SRC/horovod/torch/CMakeLists.txt"; do
 done
 
 # The system cmake must win over a PyPI cmake>=4 that may sit in the venv's bin/.
-export PATH="$(dirname "$CMAKE_BIN"):$PATH"
+PATH="$(dirname "$CMAKE_BIN"):$PATH"
+export PATH
 export HOROVOD_CMAKE="$CMAKE_BIN"
 export CXX="$CXX_BIN"
 export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1
@@ -144,7 +190,7 @@ say "building (this takes ~6 minutes on 2 cores)"
 end=$(date +%s)
 
 # --- 4. Verify ----------------------------------------------------------------------------------
-out="$(check_horovod)" || die "installed, but 'import horovod.torch' fails: $("$PYTHON" -c 'import horovod.torch' 2>&1 | tail -n 3)"
+out="$(check_horovod)" || die "installed, but not usable: $out"
 say "$out"
 say "built in $((end - start)) s"
 HVDRUN="$(dirname "$(command -v "$PYTHON")")/horovodrun"

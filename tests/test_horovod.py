@@ -145,16 +145,73 @@ def test_density_one_momentum_zero_equals_horovod_allreduce(tmp_path: Path) -> N
     assert max(r["max_diff_per_step"]) <= 1e-6, r
 
 
+@pytest.fixture(scope="module")
+def invariant(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One ``invariant`` launch, checked by the tests below (each launch costs ~15 s)."""
+    return run_scenario("invariant", tmp_path_factory.mktemp("invariant"))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(RUN_TIMEOUT + 30)
-def test_conservation_invariant_sync_semantics_and_checkpoint(tmp_path: Path) -> None:
-    r = run_scenario("invariant", tmp_path)
+def test_conservation_invariant_sync_semantics_and_checkpoint(invariant: dict) -> None:
+    r = invariant
     assert r["sparse_steps"] >= 5, r
     assert r["residual_norm"] > 1e-3, r  # a real residual was carried (density 0.05)
     assert r["max_rel_err"] <= 1e-5, r  # sent + residual == sum of momentum-corrected gradients
     assert "zero_grad() was called after loss.backward()" in r["zero_grad_error"], r
     assert r["skip_synchronize_warnings"] == 0, r
     assert r["checkpoint_ok"], r  # state_dict() carried momentum, residual and step
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(RUN_TIMEOUT + 30)
+def test_synchronize_then_plain_step_does_not_send_twice(invariant: dict) -> None:
+    """synchronize(); step() (no skip_synchronize) == synchronize(); skip_synchronize: step()."""
+    r = invariant["sync_then_step"]
+    assert r["steps"] == [7, 7], r  # one DGC step per training step, not two
+    assert max(r["max_diff_per_step"]) == 0.0, r  # nothing went through momentum/residual twice
+    assert r["warnings"] == 7, r  # Horovod's slowdown warning, once per step() after synchronize()
+    # synchronize() right after step(), with no backward (hvd.broadcast_optimizer_state): a real step.
+    assert r["step_after_extra_synchronize"] == 8, r
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(RUN_TIMEOUT + 30)
+def test_collectives_are_in_flight_after_backward(invariant: dict) -> None:
+    """Before synchronize(), every compressed tensor's collective was launched from its hook."""
+    compressed, small = invariant["compressed"], ["fc1.bias", "fc2.bias"]
+    assert compressed == ["fc1.weight", "fc2.weight"], invariant
+    for step, kinds in enumerate(invariant["in_flight_after_backward"]):
+        # dense_steps=1: step 0 allreduces the large tensors, then every step allgathers their pairs.
+        launched = "allreduce" if step == 0 else "allgather"
+        idle = "allgather" if step == 0 else "allreduce"
+        assert kinds[launched] == compressed and kinds[idle] == [], (step, kinds)
+        assert kinds["grouped"] == small and kinds["other"] == [], (step, kinds)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(RUN_TIMEOUT + 30)
+def test_small_tensors_go_in_one_allreduce_per_dtype(invariant: dict) -> None:
+    def check(per_step: list[list[dict]], large: list[str], groups: dict[str, int]) -> None:
+        for step, calls in enumerate(per_step):
+            grouped = {c["dtype"]: c["numel"] for c in calls if c["name"].startswith("dgc.group.")}
+            assert grouped == groups, (step, calls)  # one per dtype, holding every small tensor
+            assert len([c for c in calls if c["name"].startswith("dgc.group.")]) == len(groups), calls
+            others = sorted(c["name"] for c in calls if not c["name"].startswith("dgc.group."))
+            prefix = "dgc.dense." if step == 0 else "dgc."
+            assert others == sorted(prefix + n for n in large), (step, calls)
+
+    check(invariant["collectives"], ["fc1.weight", "fc2.weight"], {"torch.float32": 64 + 4})
+    # float32 bias + two float64 vectors: one allreduce each for float32 and float64.
+    check(invariant["mixed_dtype_collectives"], ["fc.weight"], {"torch.float32": 64, "torch.float64": 128})
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(RUN_TIMEOUT + 30)
+def test_too_many_backward_passes_raises(invariant: dict) -> None:
+    msg = invariant["too_many_backward_error"]
+    assert "Gradients were computed more than backward_passes_per_step times" in msg, msg
+    assert "backward_passes_per_step=2" in msg and "increase backward_passes_per_step" in msg, msg
 
 
 @pytest.mark.slow

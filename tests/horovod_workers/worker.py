@@ -4,8 +4,10 @@ Every rank runs the scenario; rank 0 writes a JSON of measured figures to OUT, w
 Scenarios:
 
 * ``dense``: DGC with density 1 and momentum 0 against ``hvd.DistributedOptimizer`` (same data);
-* ``invariant``: the conservation invariant at every step, ``synchronize()``/``skip_synchronize()``,
-  the ``zero_grad()`` error, and a checkpoint round trip in the middle of training;
+* ``invariant``: the conservation invariant at every step, ``synchronize()``/``skip_synchronize()``
+  against ``synchronize()`` then a plain ``step()``, the ``zero_grad()`` error, a checkpoint round
+  trip in the middle of training, which collectives are in flight after ``backward()``, one grouped
+  allreduce per dtype for the small tensors, and the "too many backward passes" error;
 * ``nonfinite``: a NaN on one rank raises on every rank (or propagates), nothing hangs;
 * ``ddp``: the Horovod path against the DDP hook (``torch.distributed`` gloo, in the same processes)
   with the same seeds and data; ``ddp_accumulate`` does it with 2 micro-batches per step
@@ -100,11 +102,115 @@ def scenario_dense(steps: int = 5) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ invariant
+class CollectiveLog:
+    """Counts the async Horovod collectives dgc.horovod launches (it calls them as ``hvd.<fn>``)."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+        self._saved = {}
+
+    def start(self) -> CollectiveLog:
+        for fn in ("allreduce_async_", "allgather_async"):
+            orig = getattr(hvd, fn)
+            self._saved[fn] = orig
+
+            def wrapped(tensor, *args, _fn=fn, _orig=orig, **kwargs):  # noqa: ANN001, ANN202
+                self.calls.append(
+                    {"fn": _fn, "name": kwargs.get("name"), "dtype": str(tensor.dtype), "numel": tensor.numel()}
+                )
+                return _orig(tensor, *args, **kwargs)
+
+            setattr(hvd, fn, wrapped)
+        return self
+
+    def stop(self) -> None:
+        for fn, orig in self._saved.items():
+            setattr(hvd, fn, orig)
+
+    def take(self) -> list[dict]:
+        calls, self.calls = self.calls, []
+        return calls
+
+
+def in_flight(opt: torch.optim.Optimizer) -> dict[str, list[str]]:
+    """What the optimizer has launched per parameter (its handle bookkeeping): ``allgather`` and
+    ``allreduce`` are collectives already submitted to Horovod, ``grouped`` waits for synchronize()."""
+    kinds: dict[str, list[str]] = {"allgather": [], "allreduce": [], "grouped": [], "other": []}
+    for p, entry in opt._handles.items():
+        name = opt._names[p]
+        if isinstance(entry, dgc.horovod._Sparse) and isinstance(entry.handle, int):
+            kinds["allgather"].append(name)
+        elif isinstance(entry, dgc.horovod._Dense) and entry.handle is not None:
+            kinds["allreduce"].append(name)
+        elif isinstance(entry, dgc.horovod._Dense):
+            kinds["grouped"].append(name)
+        else:
+            kinds["other"].append(name)
+    return {k: sorted(v) for k, v in kinds.items()}
+
+
+class Mixed(nn.Module):
+    """One compressible float32 weight, a float32 bias and two float64 vectors (small tensors)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 64)
+        self.scale = nn.Parameter(torch.ones(64, dtype=torch.float64))
+        self.shift = nn.Parameter(torch.zeros(64, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.fc(x).double() * self.scale + self.shift).float()
+
+
+def _mixed_dtype_groups(log: CollectiveLog, steps: int = 3) -> list[list[dict]]:
+    """Small tensors of two dtypes: one grouped allreduce per dtype per step, nothing else dense."""
+    torch.manual_seed(0)
+    model = Mixed()
+    cfg = dgc.DGCConfig(density=0.05, momentum=0.9, dense_steps=1, min_compress_numel=128)
+    opt = dgc.horovod.DistributedOptimizer(dgc.DGCSGD(model.parameters(), lr=0.1), model.named_parameters(), config=cfg)
+    per_step = []
+    log.take()
+    for (x, _), in batches(hvd.rank(), steps):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+        per_step.append(log.take())
+    return per_step
+
+
+def _too_many_backward() -> str:
+    """backward_passes_per_step=2 and a third backward pass before step(): Horovod's error."""
+    model = make_model()
+    opt = dgc.horovod.DistributedOptimizer(
+        dgc.DGCSGD(model.parameters(), lr=0.1), model.named_parameters(),
+        config=dgc.DGCConfig(density=0.05, momentum=0.9, min_compress_numel=128), backward_passes_per_step=2,
+    )
+    (x, y), = batches(hvd.rank(), 1)[0]
+    opt.zero_grad()
+    message = ""
+    for _ in range(3):
+        try:
+            loss_fn(model, x, y).backward()
+        except AssertionError as exc:
+            message = str(exc)
+    opt.synchronize()  # the two passes' collectives are in flight on every rank: finish them
+    return message
+
+
 def scenario_invariant(steps: int = 7) -> dict:
-    """sum over steps of what arrived + mean residual == sum over steps of the mean corrected gradient."""
+    """sum over steps of what arrived + mean residual == sum over steps of the mean corrected gradient.
+
+    Alongside: a twin model trained with ``synchronize()`` then a plain ``step()`` (Horovod warns; the
+    second synchronize must do nothing) must match this skip_synchronize() path exactly, and the
+    collectives dgc.horovod launches are logged per step.
+    """
     cfg = dgc.DGCConfig(density=0.05, momentum=0.9, dense_steps=1, min_compress_numel=128)
     model = make_model()
     opt = dgc.horovod.DistributedOptimizer(dgc.DGCSGD(model.parameters(), lr=0.1), model.named_parameters(), config=cfg)
+    twin = make_model()
+    twin_opt = dgc.horovod.DistributedOptimizer(dgc.DGCSGD(twin.parameters(), lr=0.1), twin.named_parameters(), config=cfg)
+    twin_warnings, twin_diff, inflight, collectives = 0, [], [], []
+    log = CollectiveLog().start()
     n = hvd.size()
     names = [name for name, _ in model.named_parameters()]
     sum_u = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
@@ -120,10 +226,12 @@ def scenario_invariant(steps: int = 7) -> dict:
             p.register_hook(lambda g, name=name, store=local: store.__setitem__(name, g.detach().clone()))
             for name, p in model.named_parameters()
         ]
+        log.take()
         opt.zero_grad()
         loss_fn(model, x, y).backward()
         for h in hooks:
             h.remove()
+        inflight.append(in_flight(opt))  # before synchronize(): launched from the gradient hooks
         if step == 2:  # Horovod's error: zero_grad between backward and step
             try:
                 opt.zero_grad()
@@ -144,6 +252,16 @@ def scenario_invariant(steps: int = 7) -> dict:
             with opt.skip_synchronize():
                 opt.step()
         warned += len(caught)
+        collectives.append([c for c in log.take() if (c["name"] or "").startswith("dgc.")])
+        # The twin: synchronize(), then step() without skip_synchronize(): warns, must not re-send.
+        twin_opt.zero_grad()
+        loss_fn(twin, x, y).backward()
+        twin_opt.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            twin_opt.step()
+        twin_warnings += sum("skip_synchronize" in str(w.message) for w in caught)
+        twin_diff.append(max_over_ranks(max_diff(params_of(model), params_of(twin))))
         if step == 3:  # checkpoint, rebuild model and optimizer, restore, continue with the new ones
             buf = io.BytesIO()
             torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
@@ -162,7 +280,23 @@ def scenario_invariant(steps: int = 7) -> dict:
                 and torch.equal(new.memory[k].momentum, old.memory[k].momentum)
                 for k in names
             )
+    sync_steps = [opt.dgc_state.step, twin_opt.dgc_state.step]
+    twin_opt.synchronize()  # after step() with no backward (hvd.broadcast_optimizer_state): a real step
+    twin_extra = twin_opt.dgc_state.step
+    mixed = _mixed_dtype_groups(log)
+    log.stop()
     return {
+        "sync_then_step": {
+            "steps": sync_steps,
+            "max_diff_per_step": twin_diff,
+            "warnings": twin_warnings,
+            "step_after_extra_synchronize": twin_extra,
+        },
+        "in_flight_after_backward": inflight,
+        "compressed": sorted(n for n, m in opt.dgc_state.memory.items() if m.compressed),
+        "collectives": collectives,
+        "mixed_dtype_collectives": mixed,
+        "too_many_backward_error": _too_many_backward(),
         "max_rel_err": max_over_ranks(max_rel_err),
         "zero_grad_error": zero_grad_error,
         "skip_synchronize_warnings": warned,
