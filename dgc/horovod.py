@@ -123,6 +123,23 @@ class _Dense:
     name: str
     finite: bool
     handle: int | None = None
+    payload: Tensor | None = None
+    """What the allreduce carries when it is not ``p.grad`` itself: a pruned tensor's live entries."""
+
+
+def _live(state: DGCState, name: str, grad: Tensor) -> Tensor:
+    """The entries of a dense-path payload that travel: all of ``grad``, or a pruned tensor's live ones."""
+    mask = state.memory[name].mask
+    return grad if mask is None else torch.masked_select(grad.reshape(-1), mask)
+
+
+def _scatter_live(state: DGCState, name: str, grad: Tensor, received: Tensor) -> None:
+    """Put what :func:`_live` sent, averaged, back into ``grad`` (pruned coordinates get zero)."""
+    mask = state.memory[name].mask
+    if mask is None:
+        grad.copy_(received.view_as(grad))
+    else:
+        grad.zero_().view(-1).masked_scatter_(mask, received.reshape(-1))
 
 
 class _DGCDistributedOptimizer(torch.optim.Optimizer):
@@ -224,18 +241,19 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
         if finite:  # momentum-corrected payload, in place in p.grad (as the DDP hook does)
             state.compress_dense(name, grad, param=p, out=grad)
         if state.memory[name].compressed:  # a large tensor during the dense warm-up: send it now
+            payload = _live(state, name, grad)  # pruned coordinates stay home
             state.record(
                 sparse=False,
-                sent=grad.numel() * grad.element_size(),
-                received=grad.numel() * grad.element_size(),
+                sent=payload.numel() * payload.element_size(),
+                received=payload.numel() * payload.element_size(),
                 dense=grad.numel() * grad.element_size(),
                 elements=grad.numel(),
-                elements_sent=grad.numel(),
+                elements_sent=payload.numel(),
             )
             handle = hvd.allreduce_async_(
-                grad, name=f"dgc.dense.{name}", op=hvd.Average, process_set=self._process_set
+                payload, name=f"dgc.dense.{name}", op=hvd.Average, process_set=self._process_set
             )
-            return _Dense(name=name, finite=finite, handle=handle)
+            return _Dense(name=name, finite=finite, handle=handle, payload=None if payload is grad else payload)
         return _Dense(name=name, finite=finite)  # grouped in synchronize()
 
     def _message(self, layout: BucketLayout, device: torch.device) -> Tensor:
@@ -281,13 +299,14 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
                 groups.setdefault(p.grad.dtype, []).append(p)
         launched: list[tuple[list[Tensor], Tensor, int]] = []
         for dtype, params in sorted(groups.items(), key=lambda kv: str(kv[0])):
-            buf = torch.cat([p.grad.reshape(-1) for p in params])
+            buf = torch.cat([_live(state, self._names[p], p.grad).reshape(-1) for p in params])
+            full = sum(p.numel() for p in params)
             state.record(
                 sparse=False,
                 sent=buf.numel() * buf.element_size(),
                 received=buf.numel() * buf.element_size(),
-                dense=buf.numel() * buf.element_size(),
-                elements=buf.numel(),
+                dense=full * buf.element_size(),
+                elements=full,
                 elements_sent=buf.numel(),
             )
             handle = hvd.allreduce_async_(
@@ -308,7 +327,9 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
                 if not self._finish_sparse(p, entry, n):
                     failed.append(entry.name)
             elif isinstance(entry, _Dense) and entry.handle is not None:
-                hvd.synchronize(entry.handle)  # in place into p.grad
+                hvd.synchronize(entry.handle)  # in place into p.grad (or into the live entries)
+                if entry.payload is not None:
+                    _scatter_live(state, entry.name, p.grad, entry.payload)
                 if not self._dgc.finite(p.grad):
                     failed.append(entry.name)
                 elif entry.finite:
@@ -317,9 +338,11 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
             hvd.synchronize(handle)
             offset = 0
             for p in params:
-                chunk = buf[offset : offset + p.numel()]
-                offset += p.numel()
-                p.grad.copy_(chunk.view_as(p.grad))
+                mem = state.memory[self._names[p]]
+                size = p.numel() if mem.mask is None else mem.live
+                chunk = buf[offset : offset + size]
+                offset += size
+                _scatter_live(state, self._names[p], p.grad, chunk)
                 if not self._dgc.finite(chunk):
                     failed.append(self._names[p])
                 elif self._handles[p].finite:

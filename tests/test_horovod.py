@@ -231,7 +231,7 @@ def test_nonfinite_gradient_on_one_rank(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(RUN_TIMEOUT + 30)
-@pytest.mark.parametrize("scenario", ["ddp", "ddp_accumulate"])
+@pytest.mark.parametrize("scenario", ["ddp", "ddp_accumulate", "ddp_pruned"])
 def test_horovod_and_ddp_hook_give_the_same_parameters(tmp_path: Path, scenario: str) -> None:
     r = run_scenario(scenario, tmp_path)
     assert r["steps"][0] == r["steps"][1], r
@@ -239,3 +239,9 @@ def test_horovod_and_ddp_hook_give_the_same_parameters(tmp_path: Path, scenario:
     assert r["moved"] > 1e-2, r
     assert max(r["max_diff_per_step"]) <= 1e-5, r
     assert r["residual_diff"] <= 1e-5, r
+    h_sent, d_sent = r["elements_sent"]
+    assert h_sent == d_sent, r  # the same elements travel on both transports
+    if scenario == "ddp_pruned":  # pruned coordinates travel on neither, dense steps included
+        assert r["at_pruned"] == 0.0, r
+        full = 64 * 16 + 64 + 4 * 64 + 4
+        assert h_sent[0] == full - (64 * 16 - r["live"]["fc1.weight"]) - (64 - r["live"]["fc1.bias"]), r

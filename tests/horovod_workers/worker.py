@@ -322,8 +322,28 @@ DDP_CONFIG = dict(
 )
 
 
-def scenario_ddp(steps: int = 8, micro: int = 1) -> dict:
-    """Same seeds, same data, same config: Horovod optimizer vs DDP hook, parameters after each step."""
+def _prune(model: nn.Module, state: dgc.DGCState, pruned: bool) -> dict[str, torch.Tensor]:
+    """Masks (the same on every rank) on a compressed weight and on a small dense-path bias."""
+    if not pruned:
+        return {}
+    gen = torch.Generator().manual_seed(7)
+    masks = {"fc1.weight": torch.rand(64, 16, generator=gen) < 0.4, "fc1.bias": torch.rand(64, generator=gen) < 0.5}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in masks:
+                p.mul_(masks[name])
+    state.set_masks(masks)
+    return masks
+
+
+def _at_pruned(model: nn.Module, masks: dict[str, torch.Tensor]) -> float:
+    named = dict(model.named_parameters())
+    return max((named[n].detach()[~m].abs().max().item() for n, m in masks.items()), default=0.0)
+
+
+def scenario_ddp(steps: int = 8, micro: int = 1, pruned: bool = False) -> dict:
+    """Same seeds, same data, same config: Horovod optimizer vs DDP hook, parameters after each step
+    (``pruned``: with pruning masks, whose coordinates neither transport sends)."""
     cfg = dgc.DGCConfig(**DDP_CONFIG)
     data = batches(hvd.rank(), steps, micro)
 
@@ -333,13 +353,15 @@ def scenario_ddp(steps: int = 8, micro: int = 1) -> dict:
         dgc.DGCSGD(h_model.parameters(), lr=0.1), h_model.named_parameters(), config=cfg,
         backward_passes_per_step=micro,
     )
-    h_params = []
+    masks = _prune(h_model, h_opt.dgc_state, pruned)
+    h_params, h_sent = [], []
     for step in range(steps):
         h_opt.zero_grad()
         for x, y in data[step]:
             loss_fn(h_model, x, y).backward()
         h_opt.step()
         h_params.append(params_of(h_model))
+        h_sent.append(h_opt.dgc_state.stats.elements_sent)
 
     # Transport 2: DDP with the DGC comm hook, over torch.distributed gloo in the same processes.
     dist.init_process_group(
@@ -353,7 +375,8 @@ def scenario_ddp(steps: int = 8, micro: int = 1) -> dict:
         ddp = DDP(d_model)
         d_opt = dgc.DGCSGD(ddp.parameters(), lr=0.1)
         d_state = dgc.register(ddp, d_opt, cfg)
-        per_step = []
+        _prune(d_model, d_state, pruned)
+        per_step, d_sent = [], []
         for step in range(steps):
             d_opt.zero_grad()
             for i, (x, y) in enumerate(data[step]):
@@ -364,6 +387,7 @@ def scenario_ddp(steps: int = 8, micro: int = 1) -> dict:
                     loss_fn(ddp, x, y).backward()
             d_opt.step()
             per_step.append(max_diff(h_params[step], params_of(d_model)))
+            d_sent.append(d_state.stats.elements_sent)
         residual_diff = max(
             (h_opt.dgc_state.memory[k].residual - d_state.memory[k].residual).abs().max().item()
             for k in d_state.memory
@@ -378,6 +402,9 @@ def scenario_ddp(steps: int = 8, micro: int = 1) -> dict:
         "steps": [h_opt.dgc_state.step, d_state.step],
         "densities": densities,
         "achieved_density_last": h_opt.dgc_state.stats.achieved_density,
+        "elements_sent": [h_sent, d_sent],
+        "at_pruned": max_over_ranks(max(_at_pruned(h_model, masks), _at_pruned(d_model, masks))),
+        "live": {n: int(m.sum()) for n, m in masks.items()},
     }
 
 # ------------------------------------------------------------------------------------------ nonfinite
@@ -469,6 +496,7 @@ SCENARIOS = {
     "nonfinite": scenario_nonfinite,
     "ddp": scenario_ddp,
     "ddp_accumulate": lambda: scenario_ddp(steps=6, micro=2),
+    "ddp_pruned": lambda: scenario_ddp(steps=6, pruned=True),
 }
 
 
