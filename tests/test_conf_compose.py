@@ -49,7 +49,10 @@ def test_default_group_option_composes(group, option):
     cfg = _compose(f"{group}={option}")
     for key in ("model", "data", "optim", "scheduler", "logger", "dist"):
         assert cfg[key]["_target_"], f"{group}={option}: {key} lost its _target_"
-    assert cfg.compress is None and cfg.prune is None and cfg.act is None
+    # Optional groups stay off, except where an experiment is about them.
+    enabled = {"prune_dgc_mnist": {"compress", "prune"}}.get(option, set()) \
+        if group == "experiment" else set()
+    assert {g for g in OPTIONAL_GROUPS if cfg[g] is not None} == enabled
 
 
 @pytest.mark.parametrize("group,option",

@@ -10,7 +10,8 @@ from _dist import run_distributed
 from torch import nn
 
 import dgc
-from dgc.pruning import AGP, BankBalanced, OneShot, Pruner, Unstructured, sparsity_report
+from dgc.pruning import AGP, BankBalanced, OneShot, Pruner, Unstructured
+from dgc.sparsity_report import sparsity_report
 
 
 class Net(nn.Module):
@@ -77,12 +78,12 @@ def test_attach_dgc_maps_ddp_prefixed_names_and_follows_mask_updates():
     assert state.memory["module.fc1.weight"].mask is None
 
 
-def _ddp_worker(rank: int, world_size: int) -> dict:
+def _ddp_worker(rank: int, world_size: int, config: dict | None = None) -> dict:
     torch.manual_seed(0)  # same init on every rank
     model = Net()
     ddp = nn.parallel.DistributedDataParallel(model)
     opt = dgc.DGCSGD(ddp.parameters(), lr=0.1)
-    state = dgc.register(ddp, opt, _config(density=0.02, momentum=0.9))
+    state = dgc.register(ddp, opt, _config(**({"density": 0.02, "momentum": 0.9} | (config or {}))))
     sent: list[tuple[str, torch.Tensor]] = []
     compress = state.compress
 
@@ -108,6 +109,7 @@ def _ddp_worker(rank: int, world_size: int) -> dict:
                 violations += int((~masks[name][idx]).sum())
         sent.clear()
         opt.step()
+    assert state.config.weight_decay == (config or {}).get("weight_decay", 0.0)
     return {
         "masks": {k: v.clone() for k, v in pruner.masks.items()},
         "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
@@ -121,8 +123,11 @@ def _ddp_worker(rank: int, world_size: int) -> dict:
 
 
 @pytest.mark.timeout(120)
-def test_two_rank_ddp_dgc_agp_masks_identical_and_never_sent():
-    r0, r1 = run_distributed(_ddp_worker, 2)
+@pytest.mark.parametrize("config", [{}, {"weight_decay": 0.05}], ids=["plain", "weight_decay"])
+def test_two_rank_ddp_dgc_agp_masks_identical_and_never_sent(config):
+    """Also with DGC's own weight decay (added to the gradient before momentum correction):
+    pruned weights stay exactly zero and their residual and momentum stay zero."""
+    r0, r1 = run_distributed(_ddp_worker, 2, config)
     for r in (r0, r1):
         assert r["violations"] == 0
         assert r["pruned_nonzero"] == 0 and r["mem_nonzero"] == 0

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from dgc.activation.topk import TopKActivation
-from dgc.pruning.pruner import unwrap_model
+from dgc.wrappers import unwrap_model
 
 __all__ = ["DEFAULT_ACTIVATIONS", "ActivationMonitor", "LayerActivationStats"]
 

@@ -6,7 +6,8 @@
 - ``Pruner``: owns the masks and enforces them through optimizer and DGC.
 - ``build_pruner``: the Hydra builder of the ``prune`` config group.
 - ``layer_sensitivity``: per-layer accuracy under pruning.
-- ``sparsity_report``: weight / activation / gradient sparsity tables at the end of training.
+
+The end-of-training report of all three sparsities is ``dgc.sparsity_report``.
 """
 
 from dgc.pruning.bank_balanced import BankBalanced
@@ -16,7 +17,6 @@ from dgc.pruning.channel import Channel
 from dgc.pruning.granularity import Granularity, LayerwiseGranularity
 from dgc.pruning.nm import NM
 from dgc.pruning.pruner import MASK_SUFFIX, Pruner, unwrap_model
-from dgc.pruning.report import SparsityReport, sparsity_report
 from dgc.pruning.schedule import AGP, OneShot, Schedule
 from dgc.pruning.sensitivity import SensitivityResult, layer_sensitivity
 from dgc.pruning.unstructured import Unstructured
@@ -34,10 +34,8 @@ __all__ = [
     "Pruner",
     "Schedule",
     "SensitivityResult",
-    "SparsityReport",
     "Unstructured",
     "build_pruner",
     "layer_sensitivity",
-    "sparsity_report",
     "unwrap_model",
 ]

@@ -1,10 +1,13 @@
 """Block pruning: prune whole ``bh x bw`` tiles of the weight matrix (Narang et al. 2017).
 
 The weight is viewed as ``(out, fan_in)``; each tile is scored by the mean ``|w|`` of its
-entries and the lowest ``round(s * n_blocks)`` tiles of the layer are pruned. Tiles at the
-right/bottom edge may be smaller when the dimensions are not multiples of the block shape;
-they are scored by the mean over their real entries. Dense tiles map onto block-sparse
-kernels (e.g. BSR matmul) without index overhead inside a tile.
+entries and tiles are pruned lowest score first. Tiles at the right/bottom edge may be
+smaller when the dimensions are not multiples of the block shape; they are scored by the mean
+over their real entries, and the count of pruned tiles is chosen in *entries*: the shortest
+run of lowest-scoring tiles that prunes at least ``s * numel - tile / 2`` entries, so the
+layer lands within half a full tile of the target (``round(s * n_blocks)`` tiles when every
+tile is full, halves rounded down). Tiles already pruned stay pruned. Dense tiles map onto block-sparse kernels
+(e.g. BSR matmul) without index overhead inside a tile.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from torch import Tensor
 from dgc.pruning.granularity import (
     LayerwiseGranularity,
     as_matrix,
-    count_to_prune,
     group_scores_pruned_below,
     prune_lowest,
 )
@@ -53,11 +55,19 @@ class Block(LayerwiseGranularity):
             t = F.pad(t, (0, pad_c, 0, pad_r))
             return t.view(nbr, bh, nbc, bw).sum(dim=(1, 3))
 
-        ones = torch.ones_like(w)
-        scores = tiles(w) / tiles(ones)  # mean |w| over the real entries of each tile
+        sizes = tiles(torch.ones_like(w))  # real entries per tile (edge tiles are smaller)
+        scores = tiles(w) / sizes  # mean |w| over the real entries of each tile
+        n_prev = 0
         if prev_mask is not None:
-            kept = tiles(as_matrix(prev_mask).float())
-            scores = group_scores_pruned_below(scores, kept == 0)
-        keep_tiles = prune_lowest(scores, count_to_prune(sparsity, scores.numel()))
+            pruned_before = tiles(as_matrix(prev_mask).float()) == 0
+            scores = group_scores_pruned_below(scores, pruned_before)
+            n_prev = int(pruned_before.sum())
+        order = torch.sort(scores.reshape(-1), stable=True).indices
+        pruned_entries = sizes.reshape(-1)[order].cumsum(0)  # after pruning the first i+1 tiles
+        # The shortest prefix reaching s*numel - tile/2 (never shorter than what is already
+        # pruned): within half a full tile of the target, and the same prefix when recomputed.
+        reach = sparsity * w.numel() - bh * bw / 2
+        n_prune = max(n_prev, int((pruned_entries < reach).sum()) + int(reach > 0))
+        keep_tiles = prune_lowest(scores, min(n_prune, scores.numel()))
         keep = keep_tiles.repeat_interleave(bh, 0).repeat_interleave(bw, 1)[:rows, :cols]
         return keep.reshape(weight.shape)

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "REACH_TOLERANCE",
     "Granularity",
     "LayerwiseGranularity",
     "as_matrix",
@@ -34,6 +35,9 @@ __all__ = [
 
 #: Score given to units the previous mask already pruned: below every magnitude (>= 0).
 PRUNED_SCORE = -1.0
+#: A layer whose structure keeps it further than this from the final target sparsity (half a
+#: percentage point) is logged as a warning when the ``Pruner`` is built.
+REACH_TOLERANCE = 0.005
 
 
 def count_to_prune(sparsity: float, n: int) -> int:
@@ -115,6 +119,15 @@ class Granularity(ABC):
         """The only final sparsity this granularity supports (N:M), or None if any works."""
         return None
 
+    def reachable_sparsity(self, weight: Tensor, sparsity: float) -> float | None:
+        """The sparsity ``weight`` gets when this granularity is asked for ``sparsity``.
+
+        Structure may not allow the target exactly (whole tiles, channels, banks). None when
+        it depends on the other layers (global ranking); the ``Pruner`` warns at setup about
+        layers that miss the final target by more than ``REACH_TOLERANCE``.
+        """
+        return None
+
 
 class LayerwiseGranularity(Granularity):
     """A granularity whose mask for one layer depends on that layer alone."""
@@ -122,6 +135,10 @@ class LayerwiseGranularity(Granularity):
     @abstractmethod
     def layer_mask(self, weight: Tensor, sparsity: float, prev_mask: Tensor | None) -> Tensor:
         """Bool keep-mask for one weight at ``sparsity`` (see ``Granularity.compute_masks``)."""
+
+    def reachable_sparsity(self, weight: Tensor, sparsity: float) -> float | None:
+        # The mask itself, from scratch: exact for every layer-wise rule.
+        return 1.0 - self.layer_mask(weight.detach(), sparsity, None).float().mean().item()
 
     def compute_masks(
         self,

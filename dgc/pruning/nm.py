@@ -8,7 +8,8 @@ NVIDIA's ASP use), so ``in`` must be a multiple of M.
 
 The final sparsity is always ``(M - N) / M``. Under a gradual schedule the intermediate
 masks prune ``round(s * M)`` entries of every group, so each group always holds the same
-count and the last update lands exactly on N:M.
+count and the last update lands exactly on N:M. A target above ``(M - N) / M`` is a
+``ValueError`` (it is not silently capped).
 """
 
 from __future__ import annotations
@@ -69,7 +70,13 @@ class NM(LayerwiseGranularity):
             )
 
     def layer_mask(self, weight: Tensor, sparsity: float, prev_mask: Tensor | None) -> Tensor:
+        if sparsity > self.fixed_sparsity + 1e-9:
+            raise ValueError(
+                f"{self.n}:{self.m} pruning keeps {self.n} of every {self.m} weights, so its "
+                f"sparsity is at most {self.fixed_sparsity}; asked for {sparsity}. Use a "
+                f"target <= {self.fixed_sparsity} or another granularity (e.g. BankBalanced) "
+                "for higher sparsity"
+            )
         scores = _to_groups_order(element_scores(weight, prev_mask))
-        sparsity = min(sparsity, self.fixed_sparsity)
         keep = prune_lowest_per_row(scores.reshape(-1, self.m), count_to_prune(sparsity, self.m))
         return _from_groups_order(keep.view(scores.shape)).contiguous()

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import re
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,8 +39,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from dgc.pruning.granularity import Granularity
+from dgc.pruning.granularity import REACH_TOLERANCE, Granularity
 from dgc.pruning.schedule import Schedule
+from dgc.wrappers import unwrap_model
 
 __all__ = ["DEFAULT_PRUNABLE", "MASK_SUFFIX", "Pruner", "unwrap_model"]
 
@@ -49,17 +51,6 @@ log = logging.getLogger(__name__)
 MASK_SUFFIX = "_mask"
 #: Module types pruned unless ``module_types`` says otherwise.
 DEFAULT_PRUNABLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's model inside DDP / ``torch.compile`` wrappers (``.module``, ``._orig_mod``)."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def _is_rank0() -> bool:
@@ -93,6 +84,32 @@ class _MaskGrad:
         return grad.masked_fill(~self.target.mask, 0)
 
 
+class _EnforceAfterLoad:
+    """``load_state_dict`` post-hook on the pruned model: re-apply the (loaded) masks.
+
+    It holds its pruner by weak reference and copies of it are inert, so
+    ``copy.deepcopy(model)`` or pickling the model does not drag the pruner, its optimizer or
+    its DGC state along (the copy keeps the mask buffers; a ``Pruner`` built on the copy
+    adopts them and registers its own hook).
+    """
+
+    __slots__ = ("_pruner",)
+
+    def __init__(self, pruner: Pruner | None = None) -> None:
+        self._pruner = None if pruner is None else weakref.ref(pruner)
+
+    def __call__(self, module: nn.Module, incompatible_keys: Any) -> None:
+        pruner = None if self._pruner is None else self._pruner()
+        if pruner is not None and module is pruner.model:
+            pruner._masks_changed()
+
+    def __deepcopy__(self, memo: dict) -> _EnforceAfterLoad:
+        return _EnforceAfterLoad()
+
+    def __reduce__(self) -> tuple:
+        return (_EnforceAfterLoad, ())
+
+
 class Pruner:
     """Computes, stores and enforces the pruning masks of a model.
 
@@ -118,6 +135,10 @@ class Pruner:
         process_group: group for that broadcast (None = default group).
         optimizer: optimizer to keep consistent with the masks (``attach_optimizer``).
         dgc_state: ``dgc.DGCState`` to tell about the masks (``attach_dgc``).
+
+    Keep a reference to the pruner for as long as it should act: the model holds it only
+    weakly (its ``load_state_dict`` hook), so ``copy.deepcopy(model)`` copies the masks but
+    not the pruner, its optimizer or its DGC state.
     """
 
     def __init__(
@@ -171,8 +192,10 @@ class Pruner:
             granularity.check(t.name, t.param)
             self._register_mask(t)
             self._handles.append(t.param.register_hook(_MaskGrad(t)))
-        self._handles.append(self.model.register_load_state_dict_post_hook(self._after_load))
+        self._handles.append(
+            self.model.register_load_state_dict_post_hook(_EnforceAfterLoad(self)))
         self._hide_masks_from_ddp(model)
+        self._warn_unreachable()
         if optimizer is not None:
             self.attach_optimizer(optimizer)
         if dgc_state is not None:
@@ -223,6 +246,20 @@ class Pruner:
             return
         mask = torch.ones_like(t.param, dtype=torch.bool)
         t.module.register_buffer(buf_name, mask, persistent=True)
+
+    def _warn_unreachable(self) -> None:
+        """Log (rank 0) the layers whose structure cannot reach the final target sparsity."""
+        final = self.schedule.final_sparsity
+        if final <= 0 or not _is_rank0():
+            return
+        for t in self.targets:
+            reached = self.granularity.reachable_sparsity(t.param, final)
+            if reached is not None and abs(reached - final) > REACH_TOLERANCE:
+                log.warning(
+                    "prune: %s (shape %s) reaches sparsity %.2f%%, not the target %.2f%%: "
+                    "%r cannot do better on this shape; change the granularity's "
+                    "parameters or the target, or exclude the layer (prune.exclude)",
+                    t.name, tuple(t.param.shape), 100 * reached, 100 * final, self.granularity)
 
     def _hide_masks_from_ddp(self, wrapper: nn.Module) -> None:
         """Keep DDP from broadcasting the masks before every forward pass.
@@ -376,10 +413,6 @@ class Pruner:
             p = t.param
             if p.grad is not None:
                 p.grad.add_(torch.sign(p).masked_fill_(~t.mask, 0), alpha=self.l1)
-
-    def _after_load(self, module: nn.Module, incompatible_keys: Any) -> None:
-        # Loaded masks (and weights) replace ours: enforce them everywhere right away.
-        self._masks_changed()
 
     def _push_dgc(self, state: Any) -> None:
         state.set_masks(self._dgc_masks(state))

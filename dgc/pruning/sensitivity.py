@@ -76,6 +76,12 @@ def layer_sensitivity(
     for s in sparsities:
         if not 0.0 <= s < 1.0:
             raise ValueError(f"layer_sensitivity: sparsities must lie in [0, 1), got {s}")
+    fixed = granularity.fixed_sparsity
+    if fixed is not None and max(sparsities, default=0.0) > fixed + 1e-9:
+        raise ValueError(
+            f"layer_sensitivity: {type(granularity).__name__} prunes at most {fixed} of a "
+            f"layer, but sparsities go up to {max(sparsities)}; pass sparsities <= {fixed}"
+        )
     result = SensitivityResult(sparsities=[float(s) for s in sparsities],
                                baseline=float(evaluate(base)))
     for name in layers:

@@ -43,6 +43,11 @@ class Unstructured(LayerwiseGranularity):
         scores = element_scores(weight, prev_mask)
         return prune_lowest(scores, count_to_prune(sparsity, scores.numel()))
 
+    def reachable_sparsity(self, weight: Tensor, sparsity: float) -> float | None:
+        if self.scope == "global":  # per layer it depends on the other layers by design
+            return None
+        return LayerwiseGranularity.reachable_sparsity(self, weight, sparsity)
+
     def compute_masks(
         self,
         weights: Mapping[str, Tensor],

@@ -428,7 +428,7 @@ class _NoBar:
 
 
 def _sparsity_report(model: nn.Module, monitor: Any, comm: Communication, out_dir: Path) -> str:
-    from dgc.pruning import sparsity_report
+    from dgc.sparsity_report import sparsity_report
 
     report = sparsity_report(model, monitor, comm.dgc_state)
     out_dir.mkdir(parents=True, exist_ok=True)
