@@ -9,7 +9,12 @@ from hypothesis import strategies as st
 from torch import nn
 
 from dgc.activation import SparseInputLinear, convert_to_sparse_input, sparse_input_linear
-from dgc.activation.break_even import measure_break_even, sparse_input
+from dgc.activation.break_even import (
+    DEFAULT_MIN_SPARSITY,
+    measure_break_even,
+    predicted_break_even,
+    sparse_input,
+)
 
 
 def _pair(in_f: int, out_f: int, bias: bool = True, **kw) -> tuple[nn.Linear, SparseInputLinear]:
@@ -136,3 +141,188 @@ def test_measure_break_even_reports_timings():
     assert r.break_even in (0.5, 0.9, 1.0)
     x = sparse_input(16, 100, 0.3)
     assert (x == 0).all(0).sum() == 30
+
+
+# --- Routing: cheap conditions first, the zero check only where the sparse path can pay ---
+
+
+def _count_checks(monkeypatch) -> list[int]:
+    """Replace the zero check by a counting wrapper; returns the call counter."""
+    import dgc.activation.sparse_linear as sl
+
+    calls = [0]
+    real = sl.active_features
+
+    def counting(x):
+        calls[0] += 1
+        return real(x)
+
+    monkeypatch.setattr(sl, "active_features", counting)
+    return calls
+
+
+def test_min_sparsity_one_never_looks_at_the_input(monkeypatch):
+    calls = _count_checks(monkeypatch)
+    dense, sparse = _pair(64, 32, min_sparsity=1.0)
+    x = torch.zeros(16, 64, dtype=torch.float64)
+    x[:, :3] = torch.randn(16, 3, dtype=torch.float64)  # 95% zero features: still dense
+    for batch in (16, 16, 8, 16):  # also across input sizes
+        gy = torch.randn(batch, 32, dtype=torch.float64)
+        for a, b in zip(_grads(dense, x[:batch], gy), _grads(sparse, x[:batch], gy),
+                        strict=True):
+            torch.testing.assert_close(b, a, rtol=0, atol=0)
+        assert not sparse.last_sparse
+    assert calls[0] == 0
+    assert sparse.last_feature_sparsity is None
+
+
+@pytest.mark.parametrize("shape", [(32, 128, 10), (32, 3136, 128), (16, 64, 64), (4, 2048, 2048)])
+def test_small_layers_run_dense_without_the_zero_check(monkeypatch, shape):
+    """The default cost model sends small layers (and small batches) to F.linear before any
+    tensor op, even with 95% of the features zero."""
+    calls = _count_checks(monkeypatch)
+    batch, in_f, out_f = shape
+    torch.manual_seed(0)
+    dense = nn.Linear(in_f, out_f)
+    sparse = SparseInputLinear.from_linear(dense, input_grad="active")
+    x = sparse_input(batch, in_f, 0.95)
+    gy = torch.randn(batch, out_f)
+    for _ in range(20):
+        for a, b in zip(_grads(dense, x, gy), _grads(sparse, x, gy), strict=True):
+            torch.testing.assert_close(b, a, rtol=0, atol=0)
+        assert not sparse.last_sparse
+    assert calls[0] == 0
+
+
+def test_check_every_skips_the_check_below_the_threshold(monkeypatch):
+    calls = _count_checks(monkeypatch)
+    dense, sparse = _pair(32, 8, min_sparsity=0.5, check_every=4)
+    x_dense = torch.randn(6, 32, dtype=torch.float64)
+    x_sparse = x_dense.clone()
+    x_sparse[:, 4:] = 0
+    gy = torch.randn(6, 8, dtype=torch.float64)
+    pattern = []
+    for x in [x_dense] + [x_sparse] * 4:
+        for a, b in zip(_grads(dense, x, gy), _grads(sparse, x, gy), strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+        pattern.append((calls[0], sparse.last_sparse))
+    # Checked once, then 3 forwards dense without a check, then checked again: sparse.
+    assert pattern == [(1, False), (1, False), (1, False), (1, False), (2, True)]
+    sparse(x_dense)  # below the threshold again: dense, next 3 skip
+    assert calls[0] == 3 and not sparse.last_sparse
+    sparse(x_sparse[:3])  # another input size is routed afresh
+    assert calls[0] == 4 and sparse.last_sparse
+    sparse(x_dense)
+    sparse.min_sparsity = 0.25  # a new threshold is applied at once
+    sparse(x_sparse)
+    assert calls[0] == 6 and sparse.last_sparse
+    with pytest.raises(ValueError, match="check_every"):
+        SparseInputLinear(4, 4, check_every=0)
+    with pytest.raises(ValueError, match="min_sparsity"):
+        sparse.min_sparsity = -0.1
+
+
+def test_default_model_runs_sparse_on_a_large_layer_and_equals_nn_linear(monkeypatch):
+    calls = _count_checks(monkeypatch)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # the model's threshold: 0.64
+    torch.manual_seed(0)
+    dense = nn.Linear(1024, 512).double()
+    sparse = SparseInputLinear.from_linear(dense)  # input_grad="full": equal input gradient
+    gy = torch.randn(256, 512, dtype=torch.float64)
+    for s, expect_sparse in ((0.9, True), (0.0, False)):
+        x = sparse_input(256, 1024, s, dtype=torch.float64)
+        for a, b in zip(_grads(dense, x, gy), _grads(sparse, x, gy), strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+        assert sparse.last_sparse is expect_sparse
+        assert sparse.last_feature_sparsity == pytest.approx(s, abs=1e-3)
+    assert calls[0] == 2
+
+
+def test_predicted_break_even_shape_threads_device():
+    def th(batch, in_f, out_f, **kw):
+        return predicted_break_even(batch=batch, in_features=in_f, out_features=out_f, **kw)
+
+    # The issue's layer: below the 50% target in both modes, at 1 and 2 threads.
+    for mode in ("active", "full"):
+        for threads in (1, 2):
+            assert th(512, 2048, 2048, input_grad=mode, threads=threads) <= 0.5
+    # Never on small layers or few output features (the MNIST CNN's linear layers).
+    assert th(32, 128, 10) == th(32, 3136, 128) == th(512, 2048, 10) == 1.0
+    # Larger batches lower it, more threads raise it, "active" (3 shrinking products) is
+    # below "full" (2), inference (1 product) is above training.
+    assert th(512, 1024, 1024) < th(128, 1024, 1024)
+    assert th(256, 1024, 1024, threads=1) < th(256, 1024, 1024, threads=4)
+    assert th(512, 1024, 1024, input_grad="active") < th(512, 1024, 1024, input_grad="full")
+    assert th(512, 1024, 1024) < th(512, 1024, 1024, input_requires_grad=False,
+                                    weight_requires_grad=False)
+    # Never below the measured floor; 1.0 on CUDA (no per-forward host sync) and for
+    # half-precision CPU products (not measured).
+    assert th(8192, 8192, 8192, input_grad="active") == DEFAULT_MIN_SPARSITY["active"]
+    assert th(512, 2048, 2048, device_type="cuda") == 1.0
+    assert th(512, 2048, 2048, dtype=torch.bfloat16) == 1.0
+
+
+def test_cuda_input_with_default_threshold_is_dense_without_a_check(monkeypatch):
+    """On a non-CPU device the model answers 1.0 before any tensor op (no host sync); the
+    device type is faked here so that the test runs without a GPU."""
+    calls = _count_checks(monkeypatch)
+    import dgc.activation.sparse_linear as sl
+
+    seen = []
+    real = sl.predicted_break_even
+
+    def as_cuda(**kw):
+        seen.append(kw["device_type"])
+        return real(**{**kw, "device_type": "cuda"})
+
+    monkeypatch.setattr(sl, "predicted_break_even", as_cuda)
+    layer = SparseInputLinear(2048, 2048)
+    layer(sparse_input(512, 2048, 0.9))
+    assert seen == ["cpu"] and calls[0] == 0 and not layer.last_sparse
+
+
+def test_state_survives_deepcopy_and_pickle():
+    import copy
+    import pickle
+
+    layer = SparseInputLinear(8, 4, min_sparsity=0.0, input_grad="active", check_every=3)
+    x = torch.zeros(5, 8)
+    x[:, 0] = 1.0
+    layer(x)
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert clone.last_sparse and clone.check_every == 3 and clone.min_sparsity == 0.0
+        torch.testing.assert_close(clone(x), layer(x))
+
+
+@pytest.mark.parametrize("producer", ["relu_two_consumers", "relu6", "relu_maxpool", "topk_batch"])
+def test_active_mode_upstream_gradient_exact(producer):
+    """input_grad="active" drops x.grad on inactive features; the gradient upstream of a
+    producer whose zeros are locally constant is still nn.Linear's (module docstring)."""
+    from dgc.activation import TopKActivation
+
+    torch.manual_seed(1)
+    z0 = torch.randn(32, 48, dtype=torch.float64)
+    z0[:, ::3] = -z0[:, ::3].abs() - 0.1  # dead after ReLU for the whole batch
+    z0[:, :12] = -1.0  # and whole max-pooling windows
+    in_f = 24 if producer == "relu_maxpool" else 48
+    dense, sparse = _pair(in_f, 8, min_sparsity=0.0, input_grad="active")
+    gy = torch.randn(32, 8, dtype=torch.float64)
+    grads = []
+    for layer in (dense, sparse):
+        z = z0.clone().requires_grad_()
+        if producer == "relu6":
+            x = nn.functional.relu6(z)
+        elif producer == "relu_maxpool":
+            x = nn.functional.max_pool1d(torch.relu(z).unsqueeze(1), 2).squeeze(1)
+        elif producer == "topk_batch":
+            x = TopKActivation(12, per="batch", relu=True)(z)
+        else:
+            x = torch.relu(z)
+        loss = (layer(x) * gy).sum()
+        if producer == "relu_two_consumers":
+            loss = loss + (x * torch.linspace(-1, 1, 48, dtype=torch.float64)).sum()
+        loss.backward()
+        grads.append((z.grad, layer.weight.grad, layer.bias.grad))
+    assert sparse.last_sparse
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
