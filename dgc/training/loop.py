@@ -92,8 +92,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if not ctx.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     try:
-        return _run(cfg, settings, runtime, ctx, comm, metrics, make_scheduler, make_pruner,
-                    make_monitor, data, model)
+        result = _run(cfg, settings, runtime, ctx, comm, metrics, make_scheduler, make_pruner,
+                      make_monitor, data, model)
+        # No rank tears the group down while another still finishes its last collective (gloo then
+        # aborts that rank at exit: "terminate called without an active exception").  Only on
+        # success: after a failure on one rank a barrier would wait for it forever.
+        runtime.barrier()
+        return result
     finally:
         metrics.close()
         runtime.shutdown()
