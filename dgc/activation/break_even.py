@@ -46,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dgc.activation.sparse_product import active_features, sparse_input_linear
+
 __all__ = [
     "CPU_COST_MODEL",
     "DEFAULT_MIN_SPARSITY",
@@ -194,8 +196,6 @@ def measure_break_even(
     the lowest measured sparsity from which the sparse path wins at every higher measured
     sparsity too (one lucky point does not count).
     """
-    from dgc.activation.sparse_linear import active_features, sparse_input_linear
-
     device = torch.device(device)
     g = torch.Generator().manual_seed(0)
     weight = (torch.randn(out_features, in_features, generator=g) / in_features**0.5).to(
