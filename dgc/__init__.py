@@ -14,6 +14,7 @@ from .compressor import CompressedTensor
 from .config import DGCConfig
 from .ddp_hook import ddp_comm_hook
 from .optim import DGCSGD, check_optimizer, register
+from .reshard import reshard_state_dicts
 from .selection import Selection, topk_select
 from .state import DGCState
 from .stats import CompressionStats
@@ -28,6 +29,7 @@ __all__ = [
     "check_optimizer",
     "ddp_comm_hook",
     "register",
+    "reshard_state_dicts",
     "topk_select",
 ]
 
