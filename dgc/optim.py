@@ -2,13 +2,18 @@
 
 With ``DGCConfig.momentum > 0`` the momentum lives in the DGC state (momentum correction), so the
 optimizer must apply the received average with plain SGD: a momentum optimizer would apply momentum twice.
-Weight decay must not be lost either; it goes in exactly one place (SPEC 2.8):
+Weight decay must not be lost either; it goes in exactly one of three places
+(docs/algorithm.md#weight-decay, docs/reliability.md):
 
 * ``DGCConfig(weight_decay=wd)``: added to the local gradient before momentum correction, so it is
   compressed and carried by the momentum exactly as SGD's own weight decay would be (PaddlePaddle's
   placement, which recovered their 2% ResNet-50 loss).  Our default recommendation.
-* ``DGCSGD(params, lr, weight_decay=wd)``: applied by the optimizer, uncompressed and without momentum
-  (the official code's placement).
+* ``DGCSGD(params, lr, weight_decay=wd)``: applied by the optimizer, uncompressed and *without*
+  momentum: each step subtracts ``lr * wd * p`` and nothing more.
+* ``DGCSGD(params, lr, weight_decay=wd, decay_momentum=m)``: the official code's placement
+  (Lin et al.'s ``dgc/optim/sgd.py``): applied by the optimizer, uncompressed, *with its own momentum
+  buffer* ``b = m * b + wd * p``; the step is ``lr * (b + grad)``.  In steady state its decay term is
+  up to ``1 / (1 - m)`` times the previous placement's (10x at m = 0.9).
 
 :func:`register` checks all of this before the first step.
 """
@@ -24,6 +29,7 @@ import torch.distributed as dist
 
 from .config import DGCConfig
 from .ddp_hook import ddp_comm_hook
+from .ddp_session import DDPSession
 from .state import DGCState
 
 __all__ = ["DGCSGD", "check_optimizer", "register"]
@@ -34,8 +40,21 @@ log = logging.getLogger(__name__)
 class DGCSGD(torch.optim.SGD):
     """SGD without momentum, for DGC with momentum correction (the momentum is in the DGC state).
 
-    ``weight_decay`` here is applied uncompressed by the optimizer; leave it 0 when
-    ``DGCConfig.weight_decay`` is set.
+    Weight decay, when not already in ``DGCConfig.weight_decay`` (keep exactly one of them), is
+    applied here, uncompressed, in one of two ways:
+
+    * ``decay_momentum=0`` (default): ``p -= lr * (grad + wd * p)``, plain SGD's L2 term, with no
+      momentum on it.
+    * ``decay_momentum=m > 0``: the placement of the official DGC code (Lin et al., ``dgc/optim/sgd.py``;
+      docs/algorithm.md#weight-decay): the decay term has its own momentum buffer,
+      ``b = wd * p`` at the first step, then ``b = m * b + wd * p``, and
+      ``p -= lr * (b + grad)`` (``decay_nesterov=True``: ``p -= lr * (wd * p + m * b + grad)``).
+      Use ``m = DGCConfig.momentum`` to reproduce the official runs; the buffer is in
+      ``optimizer.state[p]["decay_buffer"]`` and checkpointed with the optimizer.  The gradient
+      itself still gets no momentum here (DGC applied it).
+
+    Both keys can differ per param group (e.g. ``{"params": biases, "weight_decay": 0}``).
+    ``maximize=True`` negates the gradient only, as ``torch.optim.SGD`` does.
     """
 
     def __init__(
@@ -44,17 +63,69 @@ class DGCSGD(torch.optim.SGD):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         *,
+        decay_momentum: float = 0.0,
+        decay_nesterov: bool = False,
         maximize: bool = False,
     ) -> None:
+        self._decay_defaults = {"decay_momentum": decay_momentum, "decay_nesterov": decay_nesterov}
         super().__init__(params, lr=lr, momentum=0.0, weight_decay=weight_decay, maximize=maximize)
+        self.defaults.update(self._decay_defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if param_group.get("momentum", 0.0):
             raise ValueError(
                 "DGCSGD param_group momentum must be 0: DGC applies momentum itself "
-                "(DGCConfig.momentum)."
+                "(DGCConfig.momentum). For momentum on the weight-decay term (the official DGC "
+                "code's placement) pass decay_momentum=m."
             )
+        for key, value in getattr(self, "_decay_defaults", {}).items():
+            param_group.setdefault(key, value)
+        m, nesterov = param_group.get("decay_momentum", 0.0), param_group.get("decay_nesterov", False)
+        if isinstance(m, bool) or not isinstance(m, int | float) or not 0.0 <= m < 1.0:
+            raise ValueError(f"DGCSGD decay_momentum = {m!r} is invalid: it must be a number in [0, 1) "
+                             "(0 = weight decay without momentum).")
+        if not isinstance(nesterov, bool) or (nesterov and m == 0):
+            raise ValueError(f"DGCSGD decay_nesterov = {nesterov!r} is invalid: it must be a bool, and "
+                             "True needs decay_momentum > 0.")
         super().add_param_group(param_group)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """One update; with ``decay_momentum`` the official placement (see the class docstring)."""
+        if not any(g.get("decay_momentum", 0.0) and g["weight_decay"] for g in self.param_groups):
+            sgd_step = torch.optim.SGD.step  # torch's own implementation...
+            if getattr(sgd_step, "hooked", False):  # ...without the step hooks, which already ran
+                sgd_step = sgd_step.__wrapped__  # for this call (this method is wrapped too)
+            return sgd_step(self, closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, group)
+        return loss
+
+    def _update(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        """``p -= lr * d`` with the official code's ``d`` (the same operations, in the same order)."""
+        wd, m = group["weight_decay"], group.get("decay_momentum", 0.0)
+        grad = -p.grad if group["maximize"] else p.grad
+        if wd == 0:
+            d_p = grad
+        elif m == 0:
+            d_p = grad.add(p, alpha=wd)
+        else:
+            d_p = wd * p
+            state = self.state[p]
+            if "decay_buffer" not in state:
+                buf = state["decay_buffer"] = d_p.clone()
+            else:
+                buf = state["decay_buffer"]
+                buf.mul_(m).add_(d_p)
+            d_p = d_p.add(buf, alpha=m) if group.get("decay_nesterov", False) else buf
+            d_p = d_p.add(grad)
+        p.add_(d_p, alpha=-float(group["lr"]))
 
 
 def check_optimizer(optimizer: torch.optim.Optimizer, config: DGCConfig) -> None:
@@ -109,8 +180,10 @@ def register(
     if optimizer is not None:
         check_optimizer(optimizer, state.config)
     # What DGC sends for a parameter that then gets no gradient (DDP with find_unused_parameters or
-    # static_graph) comes back to its residual before the optimizer step: DGCState does that itself, for
-    # every optimizer (a global step pre-hook), so the plain register_comm_hook call is as safe.
+    # static_graph) comes back to its residual before this optimizer's step (see dgc.ddp_session).
+    session = DDPSession.of(state)
+    if optimizer is not None:
+        session.attach_optimizer(optimizer)
     ddp_model.register_comm_hook(state, ddp_comm_hook)
     if state.rank == 0:
         n = sum(m.numel for m in state.memory.values())

@@ -4,27 +4,22 @@ from __future__ import annotations
 
 import logging
 import random
-import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from . import compressor
+from .codec import MAX_INDEX, Codec
 from .compressor import CompressedTensor, TensorMemory
 from .config import DGCConfig
-from .ledger import StepLedger
 from .stats import CompressionStats
-from .wire import BucketLayout, index_blocks
 
 __all__ = ["DGCState"]
 
 log = logging.getLogger(__name__)
-
-_MAX_INDEX = 2**31 - 1  # indices travel as int32
 
 
 STATE_META = ("step", "world_size", "rank", "config")
@@ -64,17 +59,15 @@ class DGCState:
         self.memory: dict[str, TensorMemory] = {}
         self._pending = CompressionStats()
         self._params: dict[int, tuple[str, Tensor]] = {}
-        self._layouts: dict[tuple[Any, ...], BucketLayout] = {}
-        self._workspace: dict[tuple[Any, ...], dict[str, Tensor]] = {}
-        self._dense_positions: dict[tuple[Any, ...], Tensor] = {}
-        self._inflight: dict[tuple[str, ...], torch.futures.Future[Any]] = {}
-        self._ledger: StepLedger | None = None
+        self._by_name: dict[str, Tensor] = {}
+        self._codec: Codec | None = None
+        self.transport: Any = None
+        """The bookkeeping of the transport that drives this state (the DDP hook's session); not pickled."""
         self.track_sent = True
-        """Remember what each tensor sent this step, so that :meth:`reclaim_unapplied` can give back what
-        was sent for a parameter that then got no gradient (DDP with ``find_unused_parameters`` or
-        ``static_graph``).  Costs a copy of dense-allreduce buckets; False turns it off for models
-        where every parameter is always used."""
-        self._sent: dict[str, tuple[Tensor | None, int, Tensor]] = {}
+        """Remember what each tensor sent this step, so that the DDP hook can give back what was sent for
+        a parameter that then got no gradient (DDP with ``find_unused_parameters`` or ``static_graph``).
+        Costs a copy of dense-allreduce buckets; False turns it off for models where every parameter is
+        always used."""
         self._rng = random.Random(config.seed * 1_000_003 + self.rank)
         params = list(named_parameters)
         if not params:
@@ -87,10 +80,10 @@ class DGCState:
                 continue
             if name in self.memory:
                 raise ValueError(f"parameter name {name!r} appears twice in named_parameters")
-            if p.numel() > _MAX_INDEX:
+            if p.numel() > MAX_INDEX:
                 raise ValueError(
                     f"parameter {name!r} has {p.numel()} elements; DGC indices are int32, so a tensor "
-                    f"may have at most {_MAX_INDEX}. Split the parameter."
+                    f"may have at most {MAX_INDEX}. Split the parameter."
                 )
             compressed = p.dim() > 1 and p.numel() >= config.min_compress_numel
             self.memory[name] = TensorMemory(
@@ -106,7 +99,6 @@ class DGCState:
                 live=p.numel(),
             )
         self.bind(params)
-        _watch(self)
 
     # ------------------------------------------------------------------ topology
     @property
@@ -134,6 +126,7 @@ class DGCState:
                     f"{tuple(mem.shape)}: the state belongs to another model."
                 )
             self._params[id(p)] = (name, p)
+        self._by_name = {n: p for n, p in self._params.values()}
         missing = set(self.memory) - {n for n, _ in self._params.values()}
         if missing:
             raise ValueError(
@@ -155,11 +148,13 @@ class DGCState:
             )
         return entry[0]
 
+    def name_or_none(self, param: Tensor) -> str | None:
+        """The name of a tracked parameter, or None."""
+        entry = self._params.get(id(param))
+        return None if entry is None else entry[0]
+
     def param_of(self, name: str) -> Tensor | None:
-        for n, p in self._params.values():
-            if n == name:
-                return p
-        return None
+        return self._by_name.get(name)
 
     # ------------------------------------------------------------------ masks
     def set_masks(self, masks: Mapping[str, Tensor | None]) -> None:
@@ -186,9 +181,7 @@ class DGCState:
             mem.residual.mul_(flat)
             if mem.momentum is not None:
                 mem.momentum.mul_(flat)
-        self._layouts.clear()
-        self._workspace.clear()
-        self._dense_positions.clear()
+        self.codec.invalidate()
 
     # ------------------------------------------------------------------ per-tensor API
     @property
@@ -322,7 +315,7 @@ class DGCState:
             mem.residual = mem.residual.to(device)
             mem.momentum = None if mem.momentum is None else mem.momentum.to(device)
             mem.mask = None if mem.mask is None else mem.mask.to(device)
-            self._workspace.clear()
+            self.codec.invalidate()
         return mem
 
     def _param_for(self, name: str, param: Tensor | None) -> Tensor | None:
@@ -330,129 +323,18 @@ class DGCState:
             return param
         return self.param_of(name)
 
-    # ------------------------------------------------------------------ buckets
-    def layout_for(self, params: list[Tensor], device: torch.device) -> BucketLayout:
-        """The wire layout of a bucket at the current step (cached per parameter set and density)."""
-        key = (tuple(id(p) for p in params), self.step >= self.config.dense_steps, self.density)
-        layout = self._layouts.get(key)
-        if layout is None:
-            names = tuple(self.name_of(p) for p in params)
-            numels = tuple(p.numel() for p in params)
-            offsets = tuple(int(x) for x in torch.tensor((0, *numels[:-1])).cumsum(0))
-            ks = tuple(self.k_for(n) for n in names)
-            layout = BucketLayout(
-                names=names,
-                offsets=offsets,
-                numels=numels,
-                ks=ks,
-                wire_dtype=self.config.wire_dtype,
-                index_blocks=index_blocks(self.config.index_format, sum(numels), sum(ks)),
-                # pruned coordinates never travel, on the dense path either
-                dense_sizes=tuple(0 if k else self.memory[n].live for n, k in zip(names, ks, strict=True)),
-            )
-            if sum(numels) > _MAX_INDEX:
-                raise ValueError(
-                    f"a DDP bucket holds {sum(numels)} elements; DGC indices are int32. "
-                    "Use a smaller bucket_cap_mb."
-                )
-            self._layouts[key] = layout
-        return layout
-
-    def settle(self, layout: BucketLayout) -> None:
-        """Wait until the previous step's communication of this bucket has finished.
-
-        Normally it has (DDP waits for every bucket's future before the next backward), but when one
-        bucket's callback raised (a non-finite gradient), DDP stops waiting at that bucket and the
-        others' callbacks may still be running, restoring residuals from their messages, when the
-        user catches the error and starts the next backward.  Their errors were already raised."""
-        fut = self._inflight.pop(layout.names, None)
-        if fut is not None:
-            try:
-                fut.wait()
-            except Exception:  # noqa: BLE001, S110 - reported by the step that raised it
-                pass
+    # ------------------------------------------------------------------ transports
+    @property
+    def codec(self) -> Codec:
+        """The :class:`~dgc.codec.Codec` that encodes and decodes this worker's groups (built on first use)."""
+        if self._codec is None:
+            self._codec = Codec(self)
+        return self._codec
 
     def finite(self, t: Tensor) -> bool:
         """Whether ``t`` has no NaN/Inf (always True with ``check_finite=False``).  A float32 sum is finite
         iff every element is (barring overflow past 3e38), and ~10x cheaper than isfinite().all() on a CPU."""
         return not self.config.check_finite or bool(torch.isfinite(t.sum(dtype=torch.float32)))
-
-    def ledger(self) -> StepLedger:
-        """The DDP hook's :class:`~dgc.ledger.StepLedger` of the current communication step."""
-        if self._ledger is None or self._ledger.step != self.step:
-            self._ledger = StepLedger(step=self.step)
-            self._sent.clear()
-        return self._ledger
-
-    def note_sent(self, name: str, positions: Tensor | None, offset: int, values: Tensor) -> None:
-        """Record (views of) what tensor ``name`` sent this step: its pairs (``positions`` in the bucket,
-        ``offset`` = the tensor's start there), or, ``positions`` None, its whole dense payload."""
-        if self.track_sent:
-            self._sent[name] = (positions, offset, values)
-
-    def forget_sent(self) -> None:
-        """The step's sends were put back already (the step failed): nothing left to reclaim."""
-        self._sent.clear()
-
-    def reclaim_unapplied(self, params: Iterable[Tensor]) -> list[str]:
-        """Give back to the residuals what this step sent for parameters that received no gradient.
-
-        DDP with ``find_unused_parameters``/``static_graph`` leaves ``p.grad`` untouched (None) for a
-        parameter no rank used this step, but DGC sent, from its residual and momentum, what had
-        accumulated for it: the average arrived nowhere.  Runs before every optimizer step, from a
-        global optimizer step pre-hook (``torch.optim.optimizer.register_optimizer_step_pre_hook``) that
-        the first DGCState installs, so the plain ``register_comm_hook`` path is covered as well as
-        ``dgc.register``; only the entries of ``params`` are settled (another optimizer may hold the
-        rest).  Returns the names given back.  (``zero_grad(set_to_none=False)`` leaves a zero tensor
-        where DDP wrote nothing, indistinguishable from a zero average: use the default.)"""
-        back = []
-        for p in params:
-            entry = self._params.get(id(p))
-            sent = None if entry is None else self._sent.pop(entry[0], None)
-            if sent is None or p.grad is not None:
-                continue
-            positions, offset, values = sent
-            idx = None if positions is None else positions.long() - offset
-            self.restore(entry[0], idx, values)
-            back.append(entry[0])
-        return back
-
-    def track(self, layout: BucketLayout, fut: torch.futures.Future[Any]) -> None:
-        """Remember the bucket's future for :meth:`settle`."""
-        self._inflight[layout.names] = fut
-
-    def dense_positions(self, layout: BucketLayout, device: torch.device) -> Tensor:
-        """Bucket positions of what the layout's dense tensors send: every element, or the live ones of
-        a pruned tensor (cached until the masks change)."""
-        key = (layout, device)
-        pos = self._dense_positions.get(key)
-        if pos is None:
-            masks = tuple(self.memory[n].mask for n in layout.names)
-            pos = self._dense_positions[key] = layout.dense_positions(device, masks)
-        return pos
-
-    def workspace(self, layout: BucketLayout, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
-        """Reusable buffers of a bucket: its message, the gathered messages, a float32 accumulator,
-        and (block16 format) the unsorted pairs before packing.
-
-        Safe to reuse across steps: DDP waits for every bucket's future before the next backward.
-        """
-        key = (layout, device, dtype, self.world_size)
-        ws = self._workspace.get(key)
-        if ws is None:
-            n = self.world_size
-            ws = {
-                "message": torch.zeros(layout.message_bytes, dtype=torch.uint8, device=device),
-                "gathered": torch.empty(n * layout.message_bytes, dtype=torch.uint8, device=device),
-                "dense_positions": self.dense_positions(layout, device),
-            }
-            if layout.index_blocks:  # pairs are selected here, then sorted and packed into the message
-                ws["positions"] = torch.empty(layout.pairs, dtype=torch.int32, device=device)
-                ws["values"] = torch.empty(layout.pairs, dtype=layout.wire_dtype, device=device)
-            if dtype != torch.float32:
-                ws["accumulator"] = torch.empty(sum(layout.numels), dtype=torch.float32, device=device)
-            self._workspace[key] = ws
-        return ws
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -529,49 +411,22 @@ class DGCState:
             mem.mask = None if mask is None else mask.reshape(-1).to(mem.residual.device).clone()
             mem.live = mem.numel if mem.mask is None else int(mem.mask.sum())
         self.step = int(state["step"])
-        self._layouts.clear()
-        self._workspace.clear()
-        self._dense_positions.clear()
+        self.codec.invalidate()
 
     def __getstate__(self) -> dict[str, Any]:
         # Like PowerSGDState: a process group cannot be pickled; neither can id()-keyed caches.
         state = dict(self.__dict__)
         state["process_group"] = None
         state["_params"] = {}
-        state["_layouts"] = {}
-        state["_workspace"] = {}
-        state["_dense_positions"] = {}
-        state["_inflight"] = {}
-        state["_ledger"] = None
-        state["_sent"] = {}
+        state["_by_name"] = {}
+        state["_codec"] = None
+        state["transport"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        _watch(self)
 
     def __repr__(self) -> str:
         n = sum(m.numel for m in self.memory.values())
         return f"DGCState(step={self.step}, tensors={len(self.memory)}, elements={n}, config={self.config})"
 
-
-_LIVE: weakref.WeakSet[DGCState] = weakref.WeakSet()
-_STEP_HOOK: Any = None
-
-
-def _reclaim_before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    """Global optimizer step pre-hook: every live DGCState gives back what it sent for the optimizer's
-    parameters that received no gradient (see :meth:`DGCState.reclaim_unapplied`)."""
-    params: list[Tensor] | None = None
-    for state in list(_LIVE):
-        if state._sent:
-            if params is None:
-                params = [p for group in optimizer.param_groups for p in group["params"]]
-            state.reclaim_unapplied(params)
-
-
-def _watch(state: DGCState) -> None:
-    global _STEP_HOOK
-    _LIVE.add(state)
-    if _STEP_HOOK is None:
-        _STEP_HOOK = register_optimizer_step_pre_hook(_reclaim_before_step)

@@ -198,8 +198,8 @@ def run_scenario(rank: int, world: int, sc: Scenario) -> dict:
             nan_here = set()
             if sc.nan_at == (step, rank):  # the buckets with a non-finite gradient
                 nan_here = set(names) if sc.nan_param is None else {  # this step's buckets, not step 0's
-                    n for key, lay in state._layouts.items()
-                    if key[2] == state.stats.density and sc.nan_param in lay.names for n in lay.names
+                    n for names in state.codec.groups_at(state.stats.density)
+                    if sc.nan_param in names for n in names
                 }
             for n in names:
                 g = local[n]

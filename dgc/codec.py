@@ -1,0 +1,310 @@
+"""The DGC codec: what one worker puts on the wire for a group of tensors, and what it makes of everybody's.
+
+Transport-neutral.  A *group* is a flat gradient buffer holding several parameters back to back (a DDP
+bucket, or Horovod's concatenated small tensors, or one Horovod tensor); its :class:`~dgc.wire.BucketLayout`
+says where each tensor lives and how many pairs it sends.  The transports (:mod:`dgc.ddp_hook`,
+:mod:`dgc.horovod`) only move what :meth:`Codec.encode` produced with their framework's collectives
+and hand the result to :meth:`Codec.decode`:
+
+    encode   finiteness flag; every tensor through :mod:`dgc.compressor` (weight decay, clipping, momentum
+             correction, accumulation; selection into the message for sparse tensors); pruned
+             coordinates left out; the message packed in the layout's index and value formats;
+             the traffic counted (:meth:`Codec.count`, the one place that does);
+    (transport: ``all_gather`` of the messages, or ``all_reduce`` of the dense payload)
+    decode   everybody's flags; scatter-add of everybody's pairs and the dense part, divided by N, into
+             the group's buffer (a sparse group), or the reduced payload back into the buffer (dense).
+
+A :class:`Send` then settles through the step's :class:`~dgc.ledger.StepLedger`: :meth:`Send.commit`
+(clear the delivered dense payloads from the residuals) when the whole step arrived, :meth:`Send.undo`
+(put this worker's sent pairs back) when any group of the step failed.  See docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from .wire import (
+    FLAG_NONFINITE,
+    BucketLayout,
+    MessageView,
+    index_blocks,
+    pack_pairs,
+    unpack_positions,
+)
+
+if TYPE_CHECKING:
+    from .state import DGCState
+
+__all__ = ["MAX_INDEX", "Codec", "Send", "SentPart"]
+
+MAX_INDEX = 2**31 - 1
+"""Positions travel as int32: no tensor or group may hold more elements."""
+
+
+@dataclass(kw_only=True, slots=True)
+class SentPart:
+    """What one tensor contributed to a step: its pairs (``positions`` in the group, the tensor starting
+    at ``offset``), or, ``positions`` None, its whole dense payload (all of v, or its live entries)."""
+
+    name: str
+    positions: Tensor | None
+    offset: int
+    values: Tensor
+
+
+@dataclass(kw_only=True)
+class Send:
+    """One group's contribution to a step, from :meth:`Codec.encode` until the step is settled."""
+
+    layout: BucketLayout
+    buffer: Tensor
+    """The group's flat gradient buffer; :meth:`Codec.decode` writes the average into it."""
+    finite: bool
+    """This worker's local gradients were finite (else nothing entered its state)."""
+    message: Tensor | None = None
+    """Sparse group: this worker's message (uint8)."""
+    payload: Tensor | None = None
+    """Dense group: what the allreduce carries (the buffer, or a pruned group's live entries)."""
+    live: Tensor | None = None
+    """Dense group with pruned tensors: the buffer positions of the payload."""
+    positions: Tensor | None = None
+    """Sparse group: this worker's selected pairs, bucket positions (int32) and wire values."""
+    values: Tensor | None = None
+    parts: list[SentPart] = field(default_factory=list)
+    """Per tensor, what was sent (to give back what reached no parameter; see the DDP session)."""
+
+    @property
+    def sparse(self) -> bool:
+        return self.layout.compressed
+
+    def commit(self, state: DGCState) -> None:
+        """The step arrived everywhere: delivered dense payloads leave only their rounding error in v
+        (sent pairs were cleared at encoding)."""
+        if not self.finite:
+            return
+        sent_dtype = self.layout.wire_dtype if self.sparse else self.buffer.dtype
+        for name, k in zip(self.layout.names, self.layout.ks, strict=True):
+            if k == 0:
+                state.finish_dense(name, sent_dtype, True)
+
+    def undo(self, state: DGCState) -> None:
+        """The step failed somewhere: put this worker's sent pairs back (dense payloads never left v)."""
+        if not self.finite or not self.sparse:
+            return
+        pair = 0
+        for name, off, k in zip(self.layout.names, self.layout.offsets, self.layout.ks, strict=True):
+            if k:
+                idx = self.positions[pair : pair + k].long() - off
+                state.restore(name, idx, self.values[pair : pair + k])
+                pair += k
+
+
+class Codec:
+    """Encoding and decoding of groups for one :class:`~dgc.state.DGCState`, with its caches (layouts,
+    reusable message buffers, dense positions), which are rebuilt when masks or the state change."""
+
+    def __init__(self, state: DGCState) -> None:
+        self.state = state
+        self._layouts: dict[tuple[object, ...], BucketLayout] = {}
+        self._workspace: dict[tuple[object, ...], dict[str, Tensor]] = {}
+        self._dense_positions: dict[tuple[object, ...], Tensor] = {}
+
+    def invalidate(self) -> None:
+        """Forget every cache (masks, density or device changed)."""
+        self._layouts.clear()
+        self._workspace.clear()
+        self._dense_positions.clear()
+
+    # ------------------------------------------------------------------ layouts
+    def layout(self, names: tuple[str, ...]) -> BucketLayout:
+        """The wire layout of the group ``names`` at the current step (cached per step phase and density)."""
+        state = self.state
+        key = (names, state.step >= state.config.dense_steps, state.density)
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = self._layouts[key] = self._new_layout(names)
+        return layout
+
+    def _new_layout(self, names: tuple[str, ...]) -> BucketLayout:
+        state = self.state
+        numels = tuple(state.memory[n].numel for n in names)
+        if sum(numels) > MAX_INDEX:
+            raise ValueError(
+                f"a gradient group holds {sum(numels)} elements; DGC positions are int32. "
+                "Use a smaller DDP bucket_cap_mb."
+            )
+        offsets, total = [], 0
+        for n in numels:
+            offsets.append(total)
+            total += n
+        ks = tuple(state.k_for(n) for n in names)
+        return BucketLayout(
+            names=names,
+            offsets=tuple(offsets),
+            numels=numels,
+            ks=ks,
+            wire_dtype=state.config.wire_dtype,
+            index_blocks=index_blocks(state.config.index_format, total, sum(ks)),
+            # pruned coordinates never travel, on the dense path either
+            dense_sizes=tuple(0 if k else state.memory[n].live for n, k in zip(names, ks, strict=True)),
+        )
+
+    def groups_at(self, density: float) -> list[tuple[str, ...]]:
+        """The groups (tensor names) laid out so far for steps of ``density``, e.g. a DDP step's buckets."""
+        return [key[0] for key in self._layouts if key[2] == density]
+
+    def dense_positions(self, layout: BucketLayout, device: torch.device) -> Tensor:
+        """Group positions of what the layout's dense tensors send: every element, or the live ones of a
+        pruned tensor (cached until the masks change)."""
+        key = (layout, device)
+        pos = self._dense_positions.get(key)
+        if pos is None:
+            masks = tuple(self.state.memory[n].mask for n in layout.names)
+            pos = self._dense_positions[key] = layout.dense_positions(device, masks)
+        return pos
+
+    def workspace(self, layout: BucketLayout, device: torch.device) -> dict[str, Tensor]:
+        """Reusable buffers of a sparse group: its message and (block16) the pairs before packing.
+
+        Safe to reuse across steps: both transports wait for a group's collective before its next step.
+        """
+        key = (layout, device)
+        ws = self._workspace.get(key)
+        if ws is None:
+            ws = {"message": torch.zeros(layout.message_bytes, dtype=torch.uint8, device=device)}
+            view = MessageView.of(ws["message"], layout)
+            if layout.index_blocks:  # pairs are selected here, then sorted and packed into the message
+                ws["positions"] = torch.empty(layout.pairs, dtype=torch.int32, device=device)
+                ws["values"] = torch.empty(layout.pairs, dtype=layout.wire_dtype, device=device)
+            else:  # int32 positions are selected straight into the message
+                ws["positions"], ws["values"] = view.indices, view.values
+            self._workspace[key] = ws
+        return ws
+
+    def scratch(self, layout: BucketLayout, device: torch.device, what: str, size: int, dtype: torch.dtype) -> Tensor:
+        """A reusable buffer ``what`` of the group (gathered messages, a float32 accumulator)."""
+        ws = self.workspace(layout, device)
+        buf = ws.get(what)
+        if buf is None or buf.numel() != size or buf.dtype != dtype:
+            buf = ws[what] = torch.empty(size, dtype=dtype, device=device)
+        return buf
+
+    # ------------------------------------------------------------------ encode
+    def encode(self, layout: BucketLayout, buffer: Tensor, *, track: bool = False) -> Send:
+        """This worker's contribution of the group in ``buffer`` (local gradients, flat; modified in place).
+
+        Sparse groups get a message; dense groups get a payload to be *summed* by the transport (divide
+        by N before a sum, or reduce with an average).  ``track`` records per tensor what was sent."""
+        finite = self.state.finite(buffer)
+        send = self._encode_sparse(layout, buffer, finite) if layout.compressed else self._encode_dense(
+            layout, buffer, finite
+        )
+        if track and finite:
+            self._note_parts(send)
+        self.count(send)
+        return send
+
+    def _encode_dense(self, layout: BucketLayout, buffer: Tensor, finite: bool) -> Send:
+        if finite:
+            for name, off, numel in zip(layout.names, layout.offsets, layout.numels, strict=True):
+                g = buffer[off : off + numel]
+                self.state.compress_dense(name, g, out=g)
+        live = self.dense_positions(layout, buffer.device) if layout.dense_numel < buffer.numel() else None
+        payload = buffer if live is None else buffer.index_select(0, live)
+        return Send(layout=layout, buffer=buffer, finite=finite, payload=payload, live=live)
+
+    def _encode_sparse(self, layout: BucketLayout, buffer: Tensor, finite: bool) -> Send:
+        ws = self.workspace(layout, buffer.device)
+        mine = MessageView.of(ws["message"], layout)
+        mine.flags.fill_(0 if finite else FLAG_NONFINITE)
+        positions, values = ws["positions"], ws["values"]
+        if finite:
+            pair, dense = 0, 0
+            for i, (name, off, numel, k) in enumerate(
+                zip(layout.names, layout.offsets, layout.numels, layout.ks, strict=True)
+            ):
+                g = buffer[off : off + numel]
+                if k:
+                    idx = positions[pair : pair + k]
+                    self.state.compress(name, g, out_indices=idx, out_values=values[pair : pair + k])
+                    idx.add_(off)  # positions in the group, so receivers need no tensor boundaries
+                    pair += k
+                else:
+                    size = layout.dense_size(i)  # a pruned tensor: its live entries only
+                    self.state.compress_dense(name, g, out=mine.dense[dense : dense + size])
+                    dense += size
+            pack_pairs(layout, mine, positions, values)
+        else:  # the others ignore this message; keep its size so nothing else changes
+            ws["message"][4:].zero_()
+        return Send(layout=layout, buffer=buffer, finite=finite, message=ws["message"],
+                    positions=positions, values=values)
+
+    def _note_parts(self, send: Send) -> None:
+        layout = send.layout
+        if not send.sparse:  # the allreduce overwrites the payload: keep a copy
+            kept = send.buffer.clone()
+            send.parts = [SentPart(name=n, positions=None, offset=0, values=kept[o : o + s])
+                          for n, o, s in zip(layout.names, layout.offsets, layout.numels, strict=True)]
+            return
+        mine = MessageView.of(send.message, layout)
+        pair, dense = 0, 0
+        for i, (name, off, k) in enumerate(zip(layout.names, layout.offsets, layout.ks, strict=True)):
+            if k:
+                send.parts.append(SentPart(name=name, positions=send.positions[pair : pair + k],
+                                           offset=off, values=send.values[pair : pair + k]))
+                pair += k
+            else:
+                size = layout.dense_size(i)
+                send.parts.append(SentPart(name=name, positions=None, offset=0,
+                                           values=mine.dense[dense : dense + size]))
+                dense += size
+
+    def count(self, send: Send) -> None:
+        """Add the group's traffic to the step's statistics: the one place that counts bytes."""
+        layout, buf, n = send.layout, send.buffer, self.state.world_size
+        if send.sparse:
+            sent, received = layout.message_bytes, n * layout.message_bytes
+            elements_sent = layout.pairs + layout.dense_numel
+        else:
+            sent = received = send.payload.numel() * send.payload.element_size()
+            elements_sent = send.payload.numel()
+        self.state.record(sparse=send.sparse, sent=sent, received=received,
+                          dense=buf.numel() * buf.element_size(), elements=buf.numel(),
+                          elements_sent=elements_sent)
+
+    # ------------------------------------------------------------------ decode
+    def decode(self, send: Send, received: Tensor) -> str | None:
+        """Write the group's average into ``send.buffer``; ``received``: the N gathered messages (sparse)
+        or the summed payload (dense).  Returns None, or who sent a non-finite gradient."""
+        if send.sparse:
+            return self._decode_sparse(send, received)
+        buffer = send.buffer
+        if send.live is not None:
+            buffer.zero_().index_copy_(0, send.live, received)
+        elif received.data_ptr() != buffer.data_ptr():
+            buffer.copy_(received)
+        return None if self.state.finite(buffer) else "a worker"
+
+    def _decode_sparse(self, send: Send, gathered: Tensor) -> str | None:
+        layout, buffer = send.layout, send.buffer
+        n = gathered.numel() // layout.message_bytes
+        everyone = MessageView.of(gathered, layout, n)
+        bad = torch.nonzero(everyone.flags.reshape(-1) & FLAG_NONFINITE).reshape(-1).tolist()
+        if bad:
+            return f"rank(s) {bad}"
+        if buffer.dtype == torch.float32:
+            out = buffer
+        else:
+            out = self.scratch(layout, buffer.device, "accumulator", buffer.numel(), torch.float32)
+        kernels = self.state.kernels_for(out)
+        kernels.scatter_unpack(out, unpack_positions(layout, everyone, n), everyone.values, n)
+        if layout.dense_numel:
+            dense_sum = everyone.dense.float().sum(dim=0).div_(n)
+            out.index_copy_(0, self.dense_positions(layout, buffer.device), dense_sum)
+        if out is not buffer:
+            buffer.copy_(out)
+        return None

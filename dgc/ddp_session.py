@@ -1,0 +1,157 @@
+"""The DDP hook's bookkeeping for one :class:`~dgc.state.DGCState`: what DDP's bucket callbacks share.
+
+DGC's own memory (momentum, residual, step) lives in the state; this is what only the DDP transport
+needs: the futures in flight per bucket, the step's :class:`~dgc.ledger.StepLedger`, and what each
+parameter sent this step, so that what was sent for a parameter that then got no gradient (DDP with
+``find_unused_parameters`` or ``static_graph`` leaves ``p.grad`` None for a parameter no rank used) goes
+back into its residual before the optimizer applies the step.
+
+That give-back runs from an optimizer step pre-hook on *the user's optimizer*: ``dgc.register`` knows it
+and calls :meth:`DDPSession.attach_optimizer`.  A state used through the plain
+``ddp_model.register_comm_hook(state, dgc.ddp_comm_hook)`` line does not know its optimizer, so until it
+is found a global step pre-hook watches the optimizers that step: the first one that holds a parameter of
+the state is attached, and the global hook removes itself once no session is left looking.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from .codec import Send, SentPart
+from .ledger import StepLedger
+from .state import DGCState
+from .wire import BucketLayout
+
+__all__ = ["DDPSession"]
+
+
+class DDPSession:
+    """Per-state bookkeeping of the DDP hook (kept in ``state.transport``; dropped when pickled)."""
+
+    def __init__(self, state: DGCState) -> None:
+        self._state = weakref.ref(state)
+        self._inflight: dict[tuple[str, ...], torch.futures.Future[Any]] = {}
+        self._ledger: StepLedger | None = None
+        self._sent: dict[str, SentPart] = {}
+        self._optimizer_hook: Any = None
+        _looking.add(self)
+        _watch_optimizers()
+
+    @classmethod
+    def of(cls, state: DGCState) -> DDPSession:
+        """The session of ``state``, created on the first hook call."""
+        if not isinstance(state.transport, DDPSession):
+            state.transport = cls(state)
+        return state.transport
+
+    @property
+    def state(self) -> DGCState | None:
+        return self._state()
+
+    # ------------------------------------------------------------------ buckets in flight
+    def settle(self, layout: BucketLayout) -> None:
+        """Wait until the previous step's communication of this bucket has finished.
+
+        Normally it has (DDP waits for every bucket's future before the next backward), but when one
+        bucket's callback raised, DDP stops waiting at that bucket and the others' callbacks may still be
+        running, restoring residuals, when the user catches the error and starts the next backward.
+        Their errors were already raised."""
+        fut = self._inflight.pop(layout.names, None)
+        if fut is not None:
+            try:
+                fut.wait()
+            except Exception:  # noqa: BLE001, S110 - reported by the step that raised it
+                pass
+
+    def track(self, layout: BucketLayout, fut: torch.futures.Future[Any]) -> None:
+        self._inflight[layout.names] = fut
+
+    def ledger(self, step: int) -> StepLedger:
+        """The :class:`~dgc.ledger.StepLedger` of communication step ``step``."""
+        if self._ledger is None or self._ledger.step != step:
+            self._ledger = StepLedger(step=step)
+            self._sent.clear()
+        return self._ledger
+
+    # ------------------------------------------------------------------ give-back of unapplied sends
+    def note(self, send: Send) -> None:
+        """Remember what the group's tensors sent this step (``send.parts``; empty when not tracked)."""
+        for part in send.parts:
+            self._sent[part.name] = part
+
+    def forget_sent(self) -> None:
+        """The step's sends were put back already (the step failed): nothing left to give back."""
+        self._sent.clear()
+
+    def reclaim_unapplied(self, params: Iterable[Tensor]) -> list[str]:
+        """Give back to the residuals what this step sent for the ``params`` that received no gradient.
+
+        Returns the names given back.  (``zero_grad(set_to_none=False)`` leaves a zero tensor where DDP
+        wrote nothing, indistinguishable from a zero average: use the default.)"""
+        state = self.state
+        if state is None or not self._sent:
+            return []
+        back = []
+        for p in params:
+            if p.grad is not None:
+                continue
+            name = state.name_or_none(p)
+            part = None if name is None else self._sent.pop(name, None)
+            if part is None:
+                continue
+            idx = None if part.positions is None else part.positions.long() - part.offset
+            state.restore(name, idx, part.values)
+            back.append(name)
+        return back
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Give back unapplied sends before every ``optimizer.step()`` (replaces an earlier optimizer)."""
+        if self._optimizer_hook is not None:
+            self._optimizer_hook.remove()
+        ref = weakref.ref(self)
+
+        def before_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            session = ref()
+            if session is not None:
+                session.reclaim_unapplied(_params_of(opt))
+
+        self._optimizer_hook = optimizer.register_step_pre_hook(before_step)
+        _looking.discard(self)
+
+    def owns_any(self, optimizer: torch.optim.Optimizer) -> bool:
+        state = self.state
+        return state is not None and any(
+            state.name_or_none(p) is not None for p in _params_of(optimizer)
+        )
+
+
+def _params_of(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+# Sessions whose optimizer is not known yet, and the global pre-hook that finds it.
+_looking: weakref.WeakSet[DDPSession] = weakref.WeakSet()
+_global_hook: Any = None
+
+
+def _find_optimizer(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    global _global_hook
+    for session in list(_looking):
+        if session.owns_any(optimizer):
+            session.reclaim_unapplied(_params_of(optimizer))  # this step too
+            session.attach_optimizer(optimizer)
+    if not _looking and _global_hook is not None:
+        _global_hook.remove()
+        _global_hook = None
+
+
+def _watch_optimizers() -> None:
+    global _global_hook
+    if _global_hook is None:
+        _global_hook = register_optimizer_step_pre_hook(_find_optimizer)
