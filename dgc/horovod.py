@@ -33,6 +33,7 @@ Horovod is imported when this module is imported, never by ``import dgc``.  Inst
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -43,10 +44,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .codec import Send
 from .config import DGCConfig
+from .ledger import StepLedger
 from .optim import check_optimizer
 from .state import DGCState
-from .wire import FLAG_NONFINITE, BucketLayout, MessageView, pack_pairs, unpack_positions
 
 try:
     import horovod.torch as hvd
@@ -102,44 +104,29 @@ class HorovodDGCState(DGCState):
         return state
 
 
-@dataclass(kw_only=True, slots=True)
-class _Sparse:
-    """A compressed tensor in flight: its allgather and this worker's own message."""
+_GROUPED = "grouped"
+"""Marks a small dense tensor whose gradient waits for synchronize()'s grouped allreduce."""
 
-    name: str
-    layout: BucketLayout
-    message: Tensor
-    positions: Tensor
-    """This worker's selected positions and values, in selection order (to undo a failed step)."""
-    values: Tensor
+
+@dataclass(kw_only=True, slots=True)
+class _Flight:
+    """A group in flight: the codec's :class:`~dgc.codec.Send`, its Horovod handle, and its parameters
+    (one, or the small tensors of one dtype concatenated)."""
+
+    send: Send
     handle: int
-    finite: bool
+    params: list[Tensor]
 
+    @property
+    def kind(self) -> str:
+        return "allgather" if self.send.sparse else "allreduce"
 
-@dataclass(kw_only=True, slots=True)
-class _Dense:
-    """A dense-path tensor: momentum-corrected payload in ``p.grad``, its allreduce (or None: grouped)."""
-
-    name: str
-    finite: bool
-    handle: int | None = None
-    payload: Tensor | None = None
-    """What the allreduce carries when it is not ``p.grad`` itself: a pruned tensor's live entries."""
-
-
-def _live(state: DGCState, name: str, grad: Tensor) -> Tensor:
-    """The entries of a dense-path payload that travel: all of ``grad``, or a pruned tensor's live ones."""
-    mask = state.memory[name].mask
-    return grad if mask is None else torch.masked_select(grad.reshape(-1), mask)
-
-
-def _scatter_live(state: DGCState, name: str, grad: Tensor, received: Tensor) -> None:
-    """Put what :func:`_live` sent, averaged, back into ``grad`` (pruned coordinates get zero)."""
-    mask = state.memory[name].mask
-    if mask is None:
-        grad.copy_(received.view_as(grad))
-    else:
-        grad.zero_().view(-1).masked_scatter_(mask, received.reshape(-1))
+    def scatter_back(self) -> None:
+        """Copy the group's average from the codec's buffer into the parameters' gradients."""
+        buffer, layout = self.send.buffer, self.send.layout
+        for p, off, numel in zip(self.params, layout.offsets, layout.numels, strict=True):
+            if p.grad.data_ptr() != buffer.data_ptr() + off * buffer.element_size():
+                p.grad.copy_(buffer[off : off + numel].view_as(p.grad))
 
 
 class _DGCDistributedOptimizer(torch.optim.Optimizer):
@@ -158,9 +145,8 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
         self._names: dict[Tensor, str] = {p: n for n, p in named_parameters}
         self.backward_passes_per_step = backward_passes_per_step
         self._delay: dict[Tensor, int] = {}
-        # p -> None (hook fired on an accumulation pass) or what is in flight for it.
-        self._handles: dict[Tensor, _Sparse | _Dense | None] = {}
-        self._messages: dict[BucketLayout, Tensor] = {}
+        # p -> None (hook fired on an accumulation pass), _GROUPED, or its group in flight.
+        self._handles: dict[Tensor, _Flight | str | None] = {}
         self._synchronized = False
         # A gradient hook fired since the last synchronize(): without one, a second synchronize()
         # has nothing new to send (see synchronize()).
@@ -203,66 +189,31 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
         self._delay[p] -= 1
         self._handles[p] = self._launch(p) if self._delay[p] == 0 else None
 
-    def _launch(self, p: Tensor) -> _Sparse | _Dense:
-        state, name, n = self._dgc, self._names[p], self._dgc.world_size
-        grad = p.grad
-        if grad.is_sparse:
+    def _launch(self, p: Tensor) -> _Flight | str:
+        """A large tensor goes now (sparse allgather, or its dense warm-up allreduce); a small one waits
+        for synchronize()'s grouped allreduce."""
+        name = self._names[p]
+        if p.grad.is_sparse:
             raise TypeError(
                 f"dgc.horovod: parameter {name!r} has a sparse gradient (nn.Embedding(sparse=True)); "
                 "DGC needs dense gradients: use sparse=False."
             )
-        finite = state.finite(grad)
-        if state.is_compressed(name):
-            layout = state.layout_for([p], grad.device)
-            message = self._message(layout, grad.device)
-            mine = MessageView.of(message, layout)
-            mine.flags.fill_(0 if finite else FLAG_NONFINITE)
-            if layout.index_blocks:  # block16: select into scratch, then sort and pack
-                positions = torch.empty(layout.pairs, dtype=torch.int32, device=grad.device)
-                values = torch.empty(layout.pairs, dtype=layout.wire_dtype, device=grad.device)
-            else:
-                positions, values = mine.indices, mine.values
-            if finite:
-                state.compress(name, grad, param=p, out_indices=positions, out_values=values)
-                pack_pairs(layout, mine, positions, values)
-            else:  # the others ignore this message; keep its size so nothing else changes
-                message[4:].zero_()
-            state.record(
-                sparse=True,
-                sent=layout.message_bytes,
-                received=n * layout.message_bytes,
-                dense=grad.numel() * grad.element_size(),
-                elements=grad.numel(),
-                elements_sent=layout.pairs,
-            )
-            handle = hvd.allgather_async(message, name=f"dgc.{name}", process_set=self._process_set)
-            return _Sparse(name=name, layout=layout, message=message, positions=positions, values=values,
-                           handle=handle, finite=finite)
-        if finite:  # momentum-corrected payload, in place in p.grad (as the DDP hook does)
-            state.compress_dense(name, grad, param=p, out=grad)
-        if state.memory[name].compressed:  # a large tensor during the dense warm-up: send it now
-            payload = _live(state, name, grad)  # pruned coordinates stay home
-            state.record(
-                sparse=False,
-                sent=payload.numel() * payload.element_size(),
-                received=payload.numel() * payload.element_size(),
-                dense=grad.numel() * grad.element_size(),
-                elements=grad.numel(),
-                elements_sent=payload.numel(),
-            )
-            handle = hvd.allreduce_async_(
-                payload, name=f"dgc.dense.{name}", op=hvd.Average, process_set=self._process_set
-            )
-            return _Dense(name=name, finite=finite, handle=handle, payload=None if payload is grad else payload)
-        return _Dense(name=name, finite=finite)  # grouped in synchronize()
+        if not self._dgc.memory[name].compressed:
+            return _GROUPED
+        if not p.grad.is_contiguous():
+            p.grad = p.grad.contiguous()
+        return self._send([p], p.grad.view(-1), f"dgc.{name}", f"dgc.dense.{name}")
 
-    def _message(self, layout: BucketLayout, device: torch.device) -> Tensor:
-        # Reusable: Horovod has read a message by the time synchronize() returns.
-        msg = self._messages.get(layout)
-        if msg is None or msg.device != device:
-            msg = torch.zeros(layout.message_bytes, dtype=torch.uint8, device=device)
-            self._messages[layout] = msg
-        return msg
+    def _send(self, params: list[Tensor], buffer: Tensor, name: str, dense_name: str) -> _Flight:
+        """Encode a group with the codec and launch its collective (named alike on every rank)."""
+        state = self._dgc
+        send = state.codec.encode(state.codec.layout(tuple(self._names[p] for p in params)), buffer)
+        if send.sparse:
+            handle = hvd.allgather_async(send.message, name=name, process_set=self._process_set)
+        else:
+            handle = hvd.allreduce_async_(send.payload, name=dense_name, op=hvd.Average,
+                                          process_set=self._process_set)
+        return _Flight(send=send, handle=handle, params=params)
 
     # ------------------------------------------------------------------ Steps II-III
     def synchronize(self) -> None:
@@ -283,7 +234,6 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
         if not self._process_set.included():
             self._synchronized = True
             return
-        state = self._dgc
         # Every rank must submit the same collectives: parameters without a gradient here send zeros,
         # and a synchronize() before the last accumulation pass sends what has accumulated.
         for p in self._requires_update:
@@ -291,71 +241,12 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 self._handles[p] = self._launch(p)
-        # Step II: one allreduce per dtype for the small dense tensors, in a rank-independent order.
-        groups: dict[torch.dtype, list[Tensor]] = {}
-        for p in sorted(self._handles, key=self._names.__getitem__):
-            entry = self._handles[p]
-            if isinstance(entry, _Dense) and entry.handle is None:
-                groups.setdefault(p.grad.dtype, []).append(p)
-        launched: list[tuple[list[Tensor], Tensor, int]] = []
-        for dtype, params in sorted(groups.items(), key=lambda kv: str(kv[0])):
-            buf = torch.cat([_live(state, self._names[p], p.grad).reshape(-1) for p in params])
-            full = sum(p.numel() for p in params)
-            state.record(
-                sparse=False,
-                sent=buf.numel() * buf.element_size(),
-                received=buf.numel() * buf.element_size(),
-                dense=full * buf.element_size(),
-                elements=full,
-                elements_sent=buf.numel(),
-            )
-            handle = hvd.allreduce_async_(
-                buf, name=f"dgc.group.{dtype}", op=hvd.Average, process_set=self._process_set
-            )
-            launched.append((params, buf, handle))
-        # Step III: wait, unpack, clear what was delivered from the residuals.
-        n = state.world_size
-        # The step is settled as a whole: residuals are only cleared (dense payloads) or kept cleared
-        # (sent pairs) once every tensor arrived; a non-finite one anywhere puts everything back.
-        failed: list[str] = []
-        sent: list[_Sparse] = []
-        delivered: list[tuple[str, torch.dtype]] = []
-        for p, entry in self._handles.items():
-            if isinstance(entry, _Sparse):
-                if entry.finite:
-                    sent.append(entry)
-                if not self._finish_sparse(p, entry, n):
-                    failed.append(entry.name)
-            elif isinstance(entry, _Dense) and entry.handle is not None:
-                hvd.synchronize(entry.handle)  # in place into p.grad (or into the live entries)
-                if entry.payload is not None:
-                    _scatter_live(state, entry.name, p.grad, entry.payload)
-                if not self._dgc.finite(p.grad):
-                    failed.append(entry.name)
-                elif entry.finite:
-                    delivered.append((entry.name, p.grad.dtype))
-        for params, buf, handle in launched:
-            hvd.synchronize(handle)
-            offset = 0
-            for p in params:
-                mem = state.memory[self._names[p]]
-                size = p.numel() if mem.mask is None else mem.live
-                chunk = buf[offset : offset + size]
-                offset += size
-                _scatter_live(state, self._names[p], p.grad, chunk)
-                if not self._dgc.finite(chunk):
-                    failed.append(self._names[p])
-                elif self._handles[p].finite:
-                    delivered.append((self._names[p], chunk.dtype))
-        if failed:
-            for entry in sent:
-                state.restore(entry.name, entry.positions.long(), entry.values)
-        else:
-            for name, dtype in delivered:
-                state.finish_dense(name, dtype, True)
+        flights = [f for f in self._handles.values() if isinstance(f, _Flight)] + self._launch_groups()
+        failed = self._settle(flights)
         for p in self._delay:
             self._delay[p] = self.backward_passes_per_step
         self._handles.clear()
+        state = self._dgc
         step = state.step
         state.end_step()
         # After a raised failure nothing valid is in p.grad: leave the step unsynchronized, so that a
@@ -364,17 +255,34 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
         if failed:
             self._nonfinite(failed, step)
 
-    def _finish_sparse(self, p: Tensor, entry: _Sparse, n: int) -> bool:
-        state = self._dgc
-        gathered = hvd.synchronize(entry.handle)
-        everyone = MessageView.of(gathered, entry.layout, n)
-        if bool((everyone.flags & FLAG_NONFINITE).any()):
-            p.grad.fill_(float("nan"))  # synchronize() puts this worker's pairs back
-            return False
-        positions = unpack_positions(entry.layout, everyone, n)
-        avg = state.decompress(entry.name, positions.reshape(-1), everyone.values.reshape(-1), n)
-        p.grad.copy_(avg.view_as(p.grad))
-        return True
+    def _launch_groups(self) -> list[_Flight]:
+        """Step II: one allreduce per dtype for the small dense tensors, in a rank-independent order."""
+        groups: dict[torch.dtype, list[Tensor]] = {}
+        for p in sorted(self._handles, key=self._names.__getitem__):
+            if self._handles[p] == _GROUPED:
+                groups.setdefault(p.grad.dtype, []).append(p)
+        return [
+            self._send(params, torch.cat([p.grad.reshape(-1) for p in params]), "", f"dgc.group.{dtype}")
+            for dtype, params in sorted(groups.items(), key=lambda kv: str(kv[0]))
+        ]
+
+    def _settle(self, flights: list[_Flight]) -> list[str]:
+        """Step III: wait for every group, decode it into ``p.grad``, settle the step as a whole (the
+        ledger commits every group, or undoes every group when one failed).  Returns the failed names."""
+        state, failed = self._dgc, []
+        ledger = StepLedger(step=state.step)
+        for i in range(len(flights)):
+            ledger.launch(last=i == len(flights) - 1)
+        for flight in flights:
+            send = flight.send
+            who = state.codec.decode(send, hvd.synchronize(flight.handle))
+            if who is not None:
+                send.buffer.fill_(float("nan"))
+                failed.extend(send.layout.names)
+            flight.scatter_back()
+            ledger.settle(failed=who, commit=functools.partial(send.commit, state),
+                          undo=functools.partial(send.undo, state))
+        return failed
 
     def _nonfinite(self, names: list[str], step: int) -> None:
         shown = ", ".join(names[:4]) + (" ..." if len(names) > 4 else "")
