@@ -105,7 +105,8 @@ class PowerSGD(Communication):
         bucket_cap_mb: DDP bucket size for this hook.  PyTorch's hook issues its second
             allreduce from a ``Future.then`` callback, and on gloo the callbacks of several buckets
             then run in different orders on different ranks and pair the wrong messages
-            ("Received data size doesn't match expected size", SPEC 3); one big bucket avoids it.
+            ("Received data size doesn't match expected size", docs/algorithm.md#collectives-from-the-hook-call);
+            one big bucket avoids it.
             None = the ``dist`` config's ``bucket_cap_mb``.
 
     Checkpoints keep the iteration counter, the random state and, per bucket, the error-feedback
