@@ -4,8 +4,8 @@ With ``DGCConfig.momentum > 0`` (``dgc``) the momentum lives in the DGC state (m
 correction), so the optimizer becomes :class:`dgc.DGCSGD` (SGD without momentum) with the ``optim``
 config's learning rate, and weight decay moves into ``DGCConfig.weight_decay`` (applied before the
 momentum correction, as PaddlePaddle found necessary; docs/algorithm.md#weight-decay).  With
-momentum 0 (``topk``) the same machinery is top-k sparsification with error feedback and the optimizer is kept as
-configured, momentum and weight decay included.
+momentum 0 (``topk``) the same machinery is top-k sparsification with error feedback and the
+optimizer is kept as configured, momentum and weight decay included.
 """
 
 from __future__ import annotations
