@@ -171,7 +171,7 @@ def test_resume_on_another_world_size_redistributes_the_per_rank_state(tmp_path,
     _save(tmp_path, 7, old, common={"comm": "dgc", "batch": 3})
     with caplog.at_level(logging.INFO, logger="dgc.training"):
         loaded = [load_checkpoint(tmp_path, rank=r, world_size=new) for r in range(new)]
-    assert "written by 2 ranks, on %d ranks" % new in caplog.text
+    assert f"written by 2 ranks, on {new} ranks" in caplog.text
     for common, _ in loaded:
         assert common["step"] == 7 and common["world_size"] == new
         assert common["batch"] == 3 * 2 // new  # the samples done so far: 3 batches x 2 ranks
