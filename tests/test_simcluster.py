@@ -1,4 +1,4 @@
-"""Tests of launch/simcluster.py: the simulated multi-node cluster.
+"""Tests of the simulated multi-node cluster (dgc.bench.simcluster, launch/simcluster.py).
 
 The cluster tests need root, iproute2 and network namespaces; without them they are skipped with
 the reason (set DGC_REQUIRE_NETNS=1, e.g. in CI, to make that a failure instead). Each checks
@@ -18,11 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from dgc.bench import simcluster as sc
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "launch" / "simcluster.py"
-sys.path.insert(0, str(SCRIPT.parent))
-
-import simcluster as sc  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
 # Helpers
@@ -436,7 +435,7 @@ def test_delay_needs_netem(netns: None) -> None:
 
 @pytest.mark.timeout(60)
 def test_cleanup_stale_removes_only_dead_runs(netns: None) -> None:
-    dead = next(p for p in range(4194303, 4000000, -1) if not sc._pid_alive(p))
+    dead = next(p for p in range(4194303, 4000000, -1) if not sc.pid_alive(p))
     stale, live = f"dgcsim{dead}s0n0", f"dgcsim{os.getpid()}s999n0"
     try:
         for ns in (stale, live):
@@ -458,7 +457,7 @@ def test_setup_failure_leaves_nothing_behind(netns: None, monkeypatch: pytest.Mo
     def broken(ns: str, dev: str) -> None:
         raise sc.SimClusterError("simulated tc failure")
 
-    monkeypatch.setattr(cluster, "_shape", broken)
+    monkeypatch.setattr(cluster, "shape", broken)
     with pytest.raises(sc.SimClusterError, match="simulated"):
         cluster.__enter__()
     assert leftovers(cluster.name) == []
