@@ -9,8 +9,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dgc.training.communication import Allreduce, Communication
+from dgc.training.runtime import Runtime
 
-__all__ = ["build", "build_communication"]
+__all__ = ["build", "build_communication", "build_runtime"]
 
 
 def build(node: Any, key: str, **kwargs: Any) -> Any:
@@ -40,3 +41,13 @@ def build_communication(node: DictConfig | None) -> Communication:
         raise TypeError(f"compress._target_ = {OmegaConf.select(node, '_target_')} built a "
                         f"{type(comm).__name__}, not a dgc.training.communication.Communication.")
     return comm
+
+
+def build_runtime(node: DictConfig | None) -> Runtime:
+    """The ``dist`` option's :class:`~dgc.training.runtime.Runtime` (DDP or Horovod)."""
+    runtime = build(node, "dist")
+    if not isinstance(runtime, Runtime):
+        raise TypeError(f"dist._target_ = {OmegaConf.select(node, '_target_')} built a "
+                        f"{type(runtime).__name__}, which lacks the methods of "
+                        "dgc.training.runtime.Runtime (init, wrap, synchronize, ...).")
+    return runtime

@@ -8,12 +8,16 @@ and rank 0's weights and optimizer state are broadcast once before training.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from dgc.training.runtime import DistContext
+
+if TYPE_CHECKING:
+    from dgc.training.communication import Communication
 
 __all__ = ["HorovodRuntime"]
 
@@ -21,7 +25,8 @@ log = logging.getLogger(__name__)
 
 
 class HorovodRuntime:
-    """Horovod processes (gloo or MPI controller, as ``horovodrun`` chose).
+    """Horovod processes (gloo or MPI controller, as ``horovodrun`` chose); a
+    :class:`~dgc.training.runtime.Runtime`.
 
     Args:
         device: "auto" (this process's local GPU when CUDA is available, else CPU), "cpu", "cuda".
@@ -62,7 +67,7 @@ class HorovodRuntime:
         return self.ctx
 
     def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-             comm: Any) -> tuple[nn.Module, torch.optim.Optimizer]:
+             comm: Communication) -> tuple[nn.Module, torch.optim.Optimizer]:
         """Broadcast rank 0's weights, then let ``comm`` wrap the optimizer.
 
         The optimizer state is not broadcast: it is empty at the start, and a resumed run loads
@@ -71,6 +76,14 @@ class HorovodRuntime:
         """
         self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
         return model, comm.wrap_horovod(optimizer, model)
+
+    def synchronize(self, optimizer: torch.optim.Optimizer) -> None:
+        """Wait for the wrapped optimizer's allreduces (``hvd.DistributedOptimizer`` and
+        ``dgc.horovod.DistributedOptimizer`` both have ``synchronize()``)."""
+        optimizer.synchronize()  # type: ignore[attr-defined]
+
+    def skip_synchronize(self, optimizer: torch.optim.Optimizer) -> AbstractContextManager[Any]:
+        return optimizer.skip_synchronize()  # type: ignore[attr-defined]
 
     # Horovod pairs collectives by name: name them, or ranks passing objects of different types
     # (broadcast_object's default name is the type's) wait for each other forever.

@@ -8,19 +8,24 @@ torchrun, the script runs as a single process (a one-rank group on a free local 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import inspect
 import logging
 import os
 import socket
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DDPRuntime", "DistContext"]
+if TYPE_CHECKING:
+    from dgc.training.communication import Communication
+
+__all__ = ["DDPRuntime", "DistContext", "Runtime"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +44,54 @@ class DistContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """What the training loop needs from a ``dist`` option: :class:`DDPRuntime` (torchrun + DDP) or
+    :class:`~dgc.training.horovod_runtime.HorovodRuntime`.
+
+    Every method except :meth:`wrap`'s local work and :meth:`skip_synchronize` is collective: all
+    ranks call it, in the same order.
+    """
+
+    name: str
+    """The option's name (``ddp``, ``horovod``), for logs and for the compress option's checks."""
+
+    def init(self) -> DistContext:
+        """Join the other processes; where this process sits."""
+        ...
+
+    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+             comm: Communication) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """The model to call and the optimizer to step: rank 0's weights on every rank, gradients
+        averaged the way ``comm`` says."""
+        ...
+
+    def synchronize(self, optimizer: torch.optim.Optimizer) -> None:
+        """Finish the gradient averaging now, before the gradients are read (clipping, loss
+        scaling).  DDP: done once ``backward()`` returns; Horovod: the optimizer's allreduces."""
+        ...
+
+    def skip_synchronize(self, optimizer: torch.optim.Optimizer) -> AbstractContextManager[Any]:
+        """Context for ``optimizer.step()`` after :meth:`synchronize` (no second averaging)."""
+        ...
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` over the ranks, in place; returns ``t``."""
+        ...
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        ...
+
+    def barrier(self) -> None:
+        """Wait for every rank."""
+        ...
+
+    def shutdown(self) -> None:
+        """Leave the process group (after the last collective)."""
+        ...
 
 
 def _env_int(name: str, default: int) -> int:
@@ -109,7 +162,7 @@ class DDPRuntime:
         return self.ctx
 
     def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-             comm: Any) -> tuple[nn.Module, torch.optim.Optimizer]:
+             comm: Communication) -> tuple[nn.Module, torch.optim.Optimizer]:
         """DDP-wrap ``model`` (broadcasting rank 0's weights) and attach ``comm``'s hook."""
         kwargs = {**self.ddp_kwargs, **comm.ddp_kwargs()}
         if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters:
@@ -118,6 +171,12 @@ class DDPRuntime:
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **kwargs)
         comm.attach_ddp(ddp, optimizer)
         return ddp, optimizer
+
+    def synchronize(self, optimizer: torch.optim.Optimizer) -> None:
+        """Nothing to do: DDP's buckets are averaged (hook included) when ``backward()`` returns."""
+
+    def skip_synchronize(self, optimizer: torch.optim.Optimizer) -> AbstractContextManager[Any]:
+        return contextlib.nullcontext()
 
     # ------------------------------------------------------------------ collectives for the loop
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:

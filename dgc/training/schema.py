@@ -14,7 +14,10 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-__all__ = ["CheckpointConfig", "Config", "TrainConfig", "register_configs"]
+__all__ = ["PRECISIONS", "CheckpointConfig", "Config", "TrainConfig", "register_configs"]
+
+PRECISIONS = ("32", "bf16", "fp16")
+"""The values of ``train.precision``."""
 
 
 def _int_at_least(value: object, low: int) -> bool:
@@ -80,6 +83,22 @@ class TrainConfig:
     """torch CPU threads per rank; None = CPU cores / ranks on this machine (at least 1)."""
     deterministic: bool = False
     """``torch.use_deterministic_algorithms(True)`` (slower on GPUs)."""
+    precision: str = "32"
+    """Arithmetic of the forward pass: "32" (float32), "bf16" (``torch.autocast`` with bfloat16 on
+    the model's device: CPUs too) or "fp16" (autocast with float16 plus loss scaling by
+    ``torch.amp.GradScaler``; a step whose gradients overflow is skipped, and ``compress=dgc`` then
+    runs with ``nonfinite="propagate"`` so the skipped step keeps every residual).  Parameters,
+    gradients, optimizer and compression state stay float32 in every mode."""
+    loss_scale: float = 65536.0
+    """fp16 only: GradScaler's initial loss scale (``init_scale``); halved after every skipped step,
+    doubled after ``loss_scale_growth_interval`` good steps in a row."""
+    loss_scale_growth_interval: int = 2000
+    """fp16 only: good steps in a row before GradScaler doubles the loss scale."""
+    compile: bool = False
+    """``torch.compile`` the wrapped (DDP) model; the comm hook runs as in eager mode."""
+    compile_backend: str = "inductor"
+    """``torch.compile``'s backend (``torch._dynamo.list_backends()``): "inductor" (generates
+    kernels; on CPUs it needs a C++ compiler), "aot_eager" (traces, no code generation), ..."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoint policy."""
 
@@ -100,6 +119,25 @@ class TrainConfig:
         if self.num_threads is not None and not _int_at_least(self.num_threads, 1):
             raise ValueError(f"train.num_threads = {self.num_threads!r} is invalid: it must be >= 1, "
                              "or null for cores / ranks.")
+        self._check_precision()
+
+    def _check_precision(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision = {self.precision!r} is invalid: use 32, bf16 or fp16 "
+                             "(e.g. train.precision=bf16).")
+        if not (isinstance(self.loss_scale, int | float) and 1.0 <= self.loss_scale < float("inf")):
+            raise ValueError(f"train.loss_scale = {self.loss_scale!r} is invalid: it must be a finite "
+                             "number >= 1 (GradScaler's initial scale, default 65536).")
+        if not _int_at_least(self.loss_scale_growth_interval, 1):
+            raise ValueError(f"train.loss_scale_growth_interval = {self.loss_scale_growth_interval!r} "
+                             "is invalid: it must be an integer >= 1.")
+        if self.compile:
+            import torch._dynamo
+
+            known = set(torch._dynamo.list_backends(exclude_tags=())) | {"inductor", "eager"}
+            if self.compile_backend not in known:
+                raise ValueError(f"train.compile_backend = {self.compile_backend!r} is invalid: use "
+                                 f"one of {', '.join(sorted(known))} (torch._dynamo.list_backends()).")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -1,10 +1,11 @@
-"""Human-readable lines for the console: one per epoch, one block at the end."""
+"""Human-readable lines for the console: one saying what runs, one per epoch, one block at the end."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["format_bytes", "format_epoch", "format_summary"]
+__all__ = ["RunDescription", "format_banner", "format_bytes", "format_epoch", "format_summary"]
 
 
 def format_bytes(n: float) -> str:
@@ -13,6 +14,39 @@ def format_bytes(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.3g} {unit}"
     return f"{n:.0f} B"
+
+
+@dataclass(kw_only=True, slots=True)
+class RunDescription:
+    """What a run trains, for the first console line."""
+
+    model: str
+    parameters: int
+    data: str
+    train_samples: int
+    test_samples: int
+    compression: str
+    world_size: int
+    backend: str
+    device: str
+    precision: str
+    compiled: bool
+    epochs: int
+    steps_per_epoch: int
+    batch_size: int
+    config_file: str
+
+
+def format_banner(d: RunDescription) -> str:
+    """The one line the console starts with."""
+    precision = {"32": "float32", "bf16": "bf16 autocast", "fp16": "fp16 autocast + loss scaling"}
+    return (
+        f"training {d.model} ({d.parameters:,} parameters) on {d.data} ({d.train_samples:,} train / "
+        f"{d.test_samples:,} test) | {d.world_size} ranks ({d.backend}, {d.device}) | "
+        f"{precision.get(d.precision, d.precision)}{', compiled' if d.compiled else ''} | "
+        f"gradients: {d.compression} | {d.epochs} epochs x {d.steps_per_epoch} steps, batch "
+        f"{d.batch_size} per rank | config: {d.config_file}"
+    )
 
 
 def _task(record: dict[str, Any], prefix: str) -> str:
@@ -41,7 +75,9 @@ def format_summary(record: dict[str, Any]) -> str:
         "dgc training summary",
         "=" * 72,
         f"model        {record['model']} ({record['parameters']:,} parameters) on {record['data']}",
-        f"processes    {record['world_size']} x {record['backend']} ({record['device']})",
+        f"processes    {record['world_size']} x {record['backend']} ({record['device']})"
+        + (f", precision {record['precision']}" if "precision" in record else "")
+        + (", compiled" if record.get("compiled") else ""),
         f"gradients    {record['compression']}",
         f"steps        {record['step']} ({record['epochs_done']:.2f} epochs), "
         f"{record['step_time_s'] * 1e3:.1f} ms/step, {record['train_seconds']:.1f} s training",
@@ -58,6 +94,9 @@ def format_summary(record: dict[str, Any]) -> str:
             f"{record['last_step_compression_ratio']:.1f}x, achieved density "
             f"{100 * record['last_step_density']:.4g}%"
         )
+    if record.get("skipped_steps"):
+        lines.append(f"loss scale   {record['loss_scale']:g} at the end; {record['skipped_steps']} "
+                     "steps skipped (gradients overflowed in float16)")
     lines += [
         f"output       {record['out_dir']}",
     ]
