@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 
+from .agreement import RankMismatchError
 from .compressor import CompressedTensor
 from .config import DGCConfig
 from .ddp_hook import ddp_comm_hook
+from .errors import NonFiniteGradientError
 from .optim import DGCSGD, check_optimizer, register
 from .reshard import reshard_state_dicts
 from .selection import Selection, topk_select
@@ -25,6 +27,8 @@ __all__ = [
     "CompressionStats",
     "DGCConfig",
     "DGCState",
+    "NonFiniteGradientError",
+    "RankMismatchError",
     "Selection",
     "check_optimizer",
     "ddp_comm_hook",

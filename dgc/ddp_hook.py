@@ -11,7 +11,12 @@ gradients, not yet divided by the world size):
               different buckets run in different orders on different ranks, and gloo then pairs the
               wrong messages (docs/algorithm.md#collectives-from-the-hook-call);
     Step IV   in the callback, the codec decodes everybody's contribution into the buffer (the average),
-              and the bucket settles in the step's ledger (docs/architecture.md).
+              and the bucket settles in the step's ledger (docs/architecture.md);
+    Step V    the last bucket's call waits for the whole step: a failed step is undone everywhere, not
+              counted, leaves the same gradients on every rank and raises from ``backward()``.
+
+At the first call (and after every ``load_state_dict``) the ranks compare what must match
+(:mod:`dgc.agreement`).
 
 The step is settled as a whole (:mod:`dgc.ledger`): a non-finite gradient in any bucket puts every
 bucket's sent values back into the residuals, and the last callback raises once all are settled.
@@ -25,8 +30,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .codec import Send
+from .agreement import check_agreement, fingerprint
 from .ddp_session import DDPSession
+from .errors import NonFiniteGradientError
 from .state import DGCState
 
 __all__ = ["ddp_comm_hook"]
@@ -38,6 +44,9 @@ def ddp_comm_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Fut
     buffer = bucket.buffer()
     # Step I
     layout = state.codec.layout(tuple(state.name_of(p) for p in bucket.parameters()))
+    if not state.agreed:  # first call, or after a load: one small collective
+        check_agreement(fingerprint(state, layout.names), _gather_objects(state.process_group))
+        state.agreed = True
     session.settle(layout)  # its buffers and residuals are reused below
     ledger = session.ledger(state.step)
     ledger.launch(last=bucket.is_last())  # before the collective: its callback may run at once
@@ -57,20 +66,27 @@ def ddp_comm_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Fut
     def finish(fut: torch.futures.Future[list[Tensor]]) -> Tensor:
         fut.wait()
         failed = state.codec.decode(send, received)
-        failures = ledger.settle(
-            failed=failed,
-            commit=functools.partial(send.commit, state),
-            undo=functools.partial(send.undo, state),
-        )
-        if failed:
-            buffer.fill_(float("nan"))
-        return _report(state, session, send, failures, ledger.step)
+        ledger.settle(failed=failed, commit=functools.partial(send.commit, state),
+                      undo=functools.partial(send.undo, state))
+        return buffer
 
     fut = work.get_future().then(finish)
-    session.track(layout, fut)
-    if bucket.is_last():
+    session.track(send, fut)
+    if bucket.is_last():  # Step V: the step as a whole
+        failures = session.finish_step()
+        if failures:
+            _fail(state, session, failures, layout.names)
         state.end_step()
     return fut
+
+
+def _gather_objects(group: dist.ProcessGroup | None):  # noqa: ANN202
+    def gather(obj: object) -> list[object]:
+        out: list[object] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(out, obj, group=group)
+        return out
+
+    return gather
 
 
 def _all_gather(out: Tensor, inp: Tensor, group: dist.ProcessGroup | None) -> dist.Work:
@@ -79,17 +95,19 @@ def _all_gather(out: Tensor, inp: Tensor, group: dist.ProcessGroup | None) -> di
     return gather(out, inp, group=group, async_op=True)
 
 
-def _report(state: DGCState, session: DDPSession, send: Send, failures: list[str] | None, step: int) -> Tensor:
-    """From the callback that settled a failed step: raise (or, "propagate", return the NaN buffer)."""
-    if failures:
-        session.forget_sent()
-    if failures and state.config.nonfinite == "raise":
-        names = send.layout.names
-        shown = ", ".join(names[:4]) + (" ..." if len(names) > 4 else "")
-        raise FloatingPointError(
-            f"DGC: non-finite gradient from {'; '.join(failures)} at step {step} (last bucket settled: "
-            f"[{shown}]). No update was applied and every residual was kept. Lower the learning rate "
-            "or clip gradients, or set DGCConfig(nonfinite='propagate') to hand NaN to "
-            "torch.amp.GradScaler."
-        )
-    return send.buffer
+def _fail(state: DGCState, session: DDPSession, failures: list[str], names: tuple[str, ...]) -> None:
+    """A failed step: every residual is back (the ledger undid every bucket), the step is not counted,
+    and every rank's gradients are the same: NaN ("propagate": GradScaler skips the step) or zero
+    (then ``NonFiniteGradientError``, a ``FloatingPointError``, leaves ``backward()``)."""
+    propagate = state.config.nonfinite == "propagate"
+    session.fail_step(float("nan") if propagate else 0.0)
+    state.end_step(failed=True)
+    if propagate:
+        return
+    shown = ", ".join(names[:4]) + (" ..." if len(names) > 4 else "")
+    raise NonFiniteGradientError(
+        f"DGC: non-finite gradient from {'; '.join(failures)} at step {state.step} (last bucket: "
+        f"[{shown}]). No update was applied, every residual was kept and every rank's gradients were "
+        "set to zero. Lower the learning rate or clip gradients, or set "
+        "DGCConfig(nonfinite='propagate') to hand NaN to torch.amp.GradScaler."
+    )

@@ -40,6 +40,7 @@ class DDPSession:
         self._ledger: StepLedger | None = None
         self._sent: dict[str, SentPart] = {}
         self._optimizer_hook: Any = None
+        self._step_flights: list[tuple[Send, torch.futures.Future[Any]]] = []
         _looking.add(self)
         _watch_optimizers()
 
@@ -69,15 +70,37 @@ class DDPSession:
             except Exception:  # noqa: BLE001, S110 - reported by the step that raised it
                 pass
 
-    def track(self, layout: BucketLayout, fut: torch.futures.Future[Any]) -> None:
-        self._inflight[layout.names] = fut
+    def track(self, send: Send, fut: torch.futures.Future[Any]) -> None:
+        self._inflight[send.layout.names] = fut
+        self._step_flights.append((send, fut))
 
     def ledger(self, step: int) -> StepLedger:
         """The :class:`~dgc.ledger.StepLedger` of communication step ``step``."""
-        if self._ledger is None or self._ledger.step != step:
+        if self._ledger is None or self._ledger.step != step or self._ledger.settled:
             self._ledger = StepLedger(step=step)
             self._sent.clear()
+            self._step_flights.clear()
         return self._ledger
+
+    def finish_step(self) -> list[str]:
+        """From the last bucket's hook call: wait until every bucket of the step has settled and return
+        the failures (empty when the step arrived everywhere)."""
+        for _, fut in self._step_flights:
+            fut.wait()
+        return list(self._ledger.failures) if self._ledger is not None else []
+
+    def fail_step(self, fill: float) -> None:
+        """Make the failed step's gradients identical on every rank: every bucket buffer and every
+        gradient of the step's parameters holds ``fill`` (NaN: GradScaler skips the step; 0: an
+        optimizer step that runs anyway changes nothing)."""
+        state = self.state
+        self.forget_sent()
+        for send, _ in self._step_flights:
+            send.buffer.fill_(fill)
+            for name in send.layout.names:
+                p = None if state is None else state.param_of(name)
+                if p is not None and p.grad is not None:
+                    p.grad.fill_(fill)
 
     # ------------------------------------------------------------------ give-back of unapplied sends
     def note(self, send: Send) -> None:
@@ -114,6 +137,7 @@ class DDPSession:
         """Give back unapplied sends before every ``optimizer.step()`` (replaces an earlier optimizer)."""
         if self._optimizer_hook is not None:
             self._optimizer_hook.remove()
+        optimizer = _unwrap(optimizer)
         ref = weakref.ref(self)
 
         def before_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -129,6 +153,20 @@ class DDPSession:
         return state is not None and any(
             state.name_or_none(p) is not None for p in _params_of(optimizer)
         )
+
+
+def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside a framework's wrapper (Accelerate's ``.optimizer``, Lightning's
+    ``._optimizer``): its ``step()`` is the one that is skipped during accumulation or by GradScaler."""
+    while not hasattr(optimizer, "_optimizer_step_pre_hooks"):
+        inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
+        if inner is None or inner is optimizer:
+            raise TypeError(
+                f"dgc.register: {type(optimizer).__name__} is not a torch.optim.Optimizer and wraps none; "
+                "pass the torch optimizer that applies the gradients."
+            )
+        optimizer = inner
+    return optimizer
 
 
 def _params_of(optimizer: torch.optim.Optimizer) -> list[Tensor]:

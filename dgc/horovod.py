@@ -46,6 +46,7 @@ from torch import Tensor
 
 from .codec import Send
 from .config import DGCConfig
+from .errors import NonFiniteGradientError
 from .ledger import StepLedger
 from .optim import check_optimizer
 from .state import DGCState
@@ -248,7 +249,7 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
         self._handles.clear()
         state = self._dgc
         step = state.step
-        state.end_step()
+        state.end_step(failed=bool(failed))
         # After a raised failure nothing valid is in p.grad: leave the step unsynchronized, so that a
         # retried step() sends again (and fails again) instead of applying it.
         self._synchronized = not (failed and state.config.nonfinite == "raise")
@@ -287,7 +288,7 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
     def _nonfinite(self, names: list[str], step: int) -> None:
         shown = ", ".join(names[:4]) + (" ..." if len(names) > 4 else "")
         if self._dgc.config.nonfinite == "raise":
-            raise FloatingPointError(
+            raise NonFiniteGradientError(
                 f"DGC: non-finite gradient in [{shown}] at step {step} on some worker. No update "
                 "was applied and every residual was kept (what this step sent is back in them). Lower the learning rate or clip "
                 "gradients, or set DGCConfig(nonfinite='propagate') to hand NaN to "

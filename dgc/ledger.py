@@ -32,6 +32,8 @@ class StepLedger:
     """Who sent non-finite gradients, one entry per failed bucket."""
     on_success: list[Callable[[], None]] = field(default_factory=list)
     on_failure: list[Callable[[], None]] = field(default_factory=list)
+    settled: bool = False
+    """Every bucket of the step has settled."""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def launch(self, last: bool) -> None:
@@ -60,6 +62,7 @@ class StepLedger:
             self.done += 1
             if self.total is None or self.done < self.total:
                 return None
+            self.settled = True
             actions = self.on_failure if self.failures else self.on_success
             for act in actions:
                 act()

@@ -61,6 +61,8 @@ class DGCState:
         self._params: dict[int, tuple[str, Tensor]] = {}
         self._by_name: dict[str, Tensor] = {}
         self._codec: Codec | None = None
+        self.agreed = False
+        """The ranks compared their settings (:mod:`dgc.agreement`) since the last load."""
         self.transport: Any = None
         """The bookkeeping of the transport that drives this state (the DDP hook's session); not pickled."""
         self.track_sent = True
@@ -272,8 +274,12 @@ class DGCState:
         else:
             v.index_add_(0, indices.long(), sent.float())
 
-    def end_step(self) -> None:
-        """Close the communication step: publish its stats, advance the density schedule."""
+    def end_step(self, failed: bool = False) -> None:
+        """Close the communication step: publish its stats, advance the density schedule.  A ``failed``
+        step (a non-finite gradient somewhere: nothing applied) is not counted: it will be retried."""
+        if failed:
+            self._pending = CompressionStats()
+            return
         self._pending.step = self.step
         self._pending.density = self.density
         self.stats = self._pending
@@ -411,6 +417,7 @@ class DGCState:
             mem.mask = None if mask is None else mask.reshape(-1).to(mem.residual.device).clone()
             mem.live = mem.numel if mem.mask is None else int(mem.mask.sum())
         self.step = int(state["step"])
+        self.agreed = False  # compare with the other ranks again at the next step
         self.codec.invalidate()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -421,6 +428,7 @@ class DGCState:
         state["_by_name"] = {}
         state["_codec"] = None
         state["transport"] = None
+        state["agreed"] = False
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

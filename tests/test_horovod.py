@@ -223,7 +223,7 @@ def test_nonfinite_gradient_on_one_rank(tmp_path: Path) -> None:
         assert m["failures"] == [0, 2], r  # both ranks saw the failure of rank 1, at those steps only
         assert m["residual_finite"] and m["params_finite"], r
         assert m["unchanged"], r
-        assert m["step"] == 5, r
+        assert m["step"] == 3, r  # the two failed steps are not counted (they are retried)
     partial = r["partial"]
     assert partial["failures"] == [3], r  # one tensor's NaN on rank 1 fails the step everywhere
     assert partial["max_rel_err"] < 1e-5, r  # ... and every tensor's sent values went back into v
