@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from dgc.errors import NonFiniteGradientError
+
 from .exchange import ExchangePlan, decode_gathered, encode_shards, nonfinite_senders, reduce_shard
 from .state import BucketLayout, QuantState
 
@@ -41,12 +43,36 @@ def quant_hook(state: QuantState, bucket: dist.GradBucket) -> torch.futures.Futu
         fut = _single(state, layout, buffer, corrected, finite)
     elif state.failed is not None:  # an earlier bucket of this step failed on some rank
         state.fail(layout, corrected, finite, state.failed)
-        fut = _failed(state, buffer, first=False)
+        fut = _done(buffer)
     else:
         fut = _exchange(state, bucket.index(), layout, plan, buffer, corrected, finite)
+    state.track(buffer, fut)
     if bucket.is_last():
-        state.end_step()
+        _end_step(state, layout)
     return fut
+
+
+def _end_step(state: QuantState, layout: BucketLayout) -> None:
+    """The last bucket's call settles the step: a failed step (some rank's gradient was not finite)
+    leaves the same gradients on every rank, zero (then ``NonFiniteGradientError`` leaves
+    ``backward()``) or NaN (``nonfinite="propagate"``, for GradScaler), and is not counted."""
+    failed = state.failed
+    if failed is None:
+        state.end_step()
+        return
+    propagate = state.config.nonfinite == "propagate"
+    state.fill_step(float("nan") if propagate else 0.0)  # waits for in-flight buckets first
+    state.end_step(failed=True)
+    if propagate:
+        return
+    kept = ("every residual keeps the step's gradient" if state.config.error_feedback
+            else "error feedback is off, so the step's gradient is dropped")
+    shown = ", ".join(layout.names[:4]) + (" ..." if len(layout.names) > 4 else "")
+    raise NonFiniteGradientError(
+        f"quant ({state.config.method}): non-finite gradient from rank(s) {failed} at step "
+        f"{state.step} (last bucket: [{shown}]). No update was applied, {kept}, and every rank's "
+        "gradients were set to zero. Lower the learning rate or clip gradients, or set "
+        "QuantConfig(nonfinite='propagate') to hand NaN to torch.amp.GradScaler.")
 
 
 def _exchange(state: QuantState, index: int, layout: BucketLayout, plan: ExchangePlan,
@@ -63,7 +89,7 @@ def _exchange(state: QuantState, index: int, layout: BucketLayout, plan: Exchang
         state.record(sent=(n - 1) * b, received=n * b, network=(n - 1) * b, dense=dense,
                      elements=buffer.numel(), elements_sent=0)
         state.fail(layout, corrected, finite, bad)
-        return _failed(state, buffer, first=True)
+        return _done(buffer)
     # Phase 2: reduce the own shard, requantize, and launch the all-gather from here.
     own = corrected[plan.span(rank)]
     reduced = reduce_shard(plan, q, received, own, rank,
@@ -97,28 +123,14 @@ def _single(state: QuantState, layout: BucketLayout, buffer: Tensor, corrected: 
     """One worker: nothing to send; the gradient (plus any residual) is used exactly."""
     if not finite:
         state.fail(layout, corrected, finite, [0])
-        return _failed(state, buffer, first=True)
+        return _done(buffer)
     buffer.copy_(corrected[: buffer.numel()])
-    state.residuals.clear()
+    for name in layout.names:
+        state.residuals.pop(name, None)
+    return _done(buffer)
+
+
+def _done(buffer: Tensor) -> torch.futures.Future[Tensor]:
     fut: torch.futures.Future[Tensor] = torch.futures.Future()
     fut.set_result(buffer)
     return fut
-
-
-def _failed(state: QuantState, buffer: Tensor, *, first: bool) -> torch.futures.Future[Tensor]:
-    """The step failed: NaN gradients (``propagate``), or ``FloatingPointError`` from backward()."""
-    fut: torch.futures.Future[Tensor] = torch.futures.Future()
-    fut.set_result(buffer.fill_(float("nan")))
-    if not first or state.config.nonfinite != "raise":
-        return fut
-    kept = ("every residual keeps the step's gradient" if state.config.error_feedback
-            else "error feedback is off, so the step's gradient is dropped")
-    message = (f"quant ({state.config.method}): non-finite gradient from rank(s) {state.failed} "
-               f"at step {state.step}. No update was applied and {kept}. Lower the learning rate "
-               "or clip gradients, or set QuantConfig(nonfinite='propagate') to hand NaN to "
-               "torch.amp.GradScaler.")
-
-    def fail(_: torch.futures.Future) -> Tensor:
-        raise FloatingPointError(message)
-
-    return fut.then(fail)

@@ -11,7 +11,9 @@ The residual of a parameter holds, per element, what this worker still owes the 
 Summed over ranks, ``N * delivered + sum(new residuals) == sum(gradients + old residuals)`` for every
 element (to float32 rounding): nothing is lost.  A step with a non-finite gradient on any rank puts
 every bucket's corrected gradient (gradient + old residual) back into the residuals on every rank
-that had a finite one (the non-finite gradient itself is dropped), then fails as ``nonfinite`` says.
+that had a finite one (the non-finite gradient itself is dropped), leaves the same gradients on every
+rank (zero, or NaN with ``nonfinite="propagate"``), is not counted, and, with ``"raise"``, raises
+``dgc.errors.NonFiniteGradientError`` (a ``FloatingPointError``) from ``backward()``.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class QuantState:
         self._pending = CompressionStats()
         self._pending_network = 0
         self._log: list[tuple[BucketLayout, Tensor]] = []
+        self._inflight: list[tuple[Tensor, torch.futures.Future]] = []
         self.failed: list[int] | None = None
         """Ranks with a non-finite gradient in the current step (None: none so far)."""
 
@@ -146,6 +149,16 @@ class QuantState:
         if finite:
             self.store(layout, corrected)
 
+    def track(self, buffer: Tensor, fut: torch.futures.Future) -> None:
+        """A bucket of the current step and the future that fills it."""
+        self._inflight.append((buffer, fut))
+
+    def fill_step(self, value: float) -> None:
+        """Wait for every bucket of the step, then set all their gradients to ``value``."""
+        for buffer, fut in self._inflight:
+            fut.wait()
+            buffer.fill_(value)
+
     def record(self, *, sent: int, received: int, network: int, dense: int, elements: int,
                elements_sent: int) -> None:
         self._pending.add(sent=sent, received=received, dense=dense, elements=elements,
@@ -153,14 +166,17 @@ class QuantState:
         self._pending.sparse_buckets += 1
         self._pending_network += network
 
-    def end_step(self) -> None:
+    def end_step(self, *, failed: bool = False) -> None:
+        """Publish the step's statistics; a failed step is not counted (``step`` stays)."""
         self._pending.step = self.step
         self._pending.density = self._pending.achieved_density
         self.stats, self._pending = self._pending, CompressionStats()
         self.network_bytes, self._pending_network = self._pending_network, 0
         self._log.clear()
+        self._inflight.clear()
         self.failed = None
-        self.step += 1
+        if not failed:
+            self.step += 1
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
