@@ -294,8 +294,7 @@ def _select(
         idx, mag = _compact(x, mask, block_max, thr, ends, total, index)
         if total == k:
             return idx
-        top = torch.topk(mag, k, sorted=False).indices
-        return idx.index_select(0, torch.sort(top).values)
+        return idx.index_select(0, reference.largest(mag, k))  # ties to the lowest index, as the twin
 
     if sample_ratio < 1.0:
         thr = _sampled_threshold(x, k, sample_ratio, offset)

@@ -43,18 +43,25 @@ from torch import Tensor
 
 __all__ = [
     "BLOCK",
+    "Candidates",
     "CHUNK",
     "MAX_THRESHOLD_RETRIES",
     "SAMPLE_OVERSHOOT",
     "THRESHOLD_DECAY",
     "block_absmax",
     "candidates_above",
+    "check_k",
+    "check_state",
     "compress_step",
     "exact_threshold",
+    "largest",
+    "pack",
+    "sample_stride",
     "sampled_threshold",
     "saturate",
     "scatter_unpack",
     "select_topk",
+    "threshold_of_sample",
 ]
 
 BLOCK = 64
@@ -66,7 +73,8 @@ the chunk of g, u, v and the scratch buffer stays in L2 between the element-wise
 below ATen's parallel grain (32768 elements), so each operation runs serially in its thread."""
 
 THRESHOLD_DECAY = 0.8
-"""Factor applied to the sampled threshold when fewer than k entries pass it (SPEC 2.4, official code)."""
+"""Factor applied to the sampled threshold when fewer than k entries pass it (official code; see
+[docs/algorithm.md](../docs/algorithm.md#selection))."""
 
 MAX_THRESHOLD_RETRIES = 10
 """How many times the sampled threshold may be lowered before the exact threshold takes over."""
@@ -210,21 +218,30 @@ def exact_threshold(block_max: Tensor, k: int) -> float:
 
 
 def sampled_threshold(x: Tensor, k: int, sample_ratio: float, offset: int) -> float:
-    """Threshold estimated from a strided sample of ``|x|`` (SPEC 2.4, official DGC defaults).
+    """Threshold estimated from a strided sample of ``|x|`` (official DGC defaults; see
+    [docs/algorithm.md](../docs/algorithm.md#selection)).
 
     The sample takes every ``stride = round(1/sample_ratio)``-th entry from ``offset % stride``, and the
     threshold is the magnitude that keeps ``ceil(k * 1.1 * samples / numel)`` of the sampled entries.
     Returns 0 (no estimate) when the sample is empty.
     """
     x = x.detach().reshape(-1)
-    n = x.numel()
-    stride = max(1, round(1.0 / sample_ratio))
+    stride = sample_stride(sample_ratio)
     sample = x[offset % stride :: stride]
-    ns = sample.numel()
+    return threshold_of_sample(sample.abs().to(_summary_dtype(x.dtype)), k, x.numel())
+
+
+def sample_stride(sample_ratio: float) -> int:
+    """Distance between sampled entries: ``round(1 / sample_ratio)``, at least 1."""
+    return max(1, round(1.0 / sample_ratio))
+
+
+def threshold_of_sample(magnitudes: Tensor, k: int, numel: int) -> float:
+    """The threshold of :func:`sampled_threshold` from the sampled magnitudes of a ``numel``-long tensor."""
+    ns = magnitudes.numel()
     if ns == 0 or k <= 0:  # tensor shorter than the offset: no estimate, the caller goes exact
         return 0.0
-    ks = min(ns, max(1, math.ceil(k * SAMPLE_OVERSHOOT * ns / n)))
-    magnitudes = sample.abs().to(_summary_dtype(x.dtype))
+    ks = min(ns, max(1, math.ceil(k * SAMPLE_OVERSHOOT * ns / numel)))
     return float(torch.topk(magnitudes, ks, sorted=False).values.min())
 
 
@@ -322,24 +339,42 @@ def _in_order(positions: Tensor, length: int) -> Tensor:
     return torch.nonzero(keep).squeeze(1)
 
 
+def largest(key: Tensor, k: int) -> Tensor:
+    """Positions (int64, ascending) of the ``k`` largest entries of the flat, NaN-free ``key``; among
+    entries equal to the k-th largest value the lowest positions win, so the result is unique (the
+    same set on every backend and every thread count)."""
+    if k >= key.numel():
+        return torch.arange(key.numel(), device=key.device)
+    kth = torch.topk(key, k, sorted=False).values.min()
+    keep = key > kth
+    need = k - int(keep.sum())
+    if need:
+        keep.index_fill_(0, torch.nonzero(key == kth).squeeze(1)[:need], True)
+    return torch.nonzero(keep).squeeze(1)
+
+
 def _finish(x: Tensor, k: int, cand: Tensor) -> Tensor:
-    """The k candidates of largest |x| (candidates ascending, at least k of them); int64 ascending."""
+    """The k candidates of largest |x| (candidates ascending, at least k of them, none NaN); int64
+    ascending, ties to the lowest index."""
     if cand.numel() == k:
         return cand
-    vals = x.index_select(0, cand).abs()
-    top = torch.topk(vals, k, sorted=False).indices
-    return cand.index_select(0, _in_order(top, cand.numel()))
+    return cand.index_select(0, largest(x.index_select(0, cand).abs(), k))
 
 
 def _direct_topk(x: Tensor, k: int, mask: Tensor | None) -> Tensor:
-    """Exact top-k by a full ``torch.topk`` of the magnitudes (k above the number of blocks)."""
-    a = x.abs()
+    """Exact top-k by a full ``torch.topk`` of the magnitudes (k above the number of blocks, or a
+    threshold spoiled by NaN); NaN counts as +inf, ties go to the lowest index."""
+    a = torch.nan_to_num_(x.abs().to(_summary_dtype(x.dtype)), nan=math.inf)
     if mask is not None:
         a.masked_fill_(~mask, -1.0)
-    top = torch.topk(a, k, sorted=False)
-    if mask is not None and k and float(top.values.min()) < 0:
+    idx = largest(a, k)
+    if mask is not None and k and float(a.index_select(0, idx).min()) < 0:
         raise ValueError(f"k = {k} exceeds the number of unmasked entries ({int(mask.sum())})")
-    return _in_order(top.indices, x.numel())
+    return idx
+
+
+Candidates = Callable[[float], Tensor]
+"""``thr -> ascending indices of the live entries with |x| >= thr`` (:func:`candidates_above`)."""
 
 
 def _select(
@@ -349,20 +384,34 @@ def _select(
     offset: int,
     block_max: Tensor,
     mask: Tensor | None,
+    *,
+    find: Candidates | None = None,
+    first_threshold: float | None = None,
 ) -> Tensor:
-    """:func:`select_topk` on a flat ``x`` whose block maxima are known."""
+    """:func:`select_topk` on a flat ``x`` whose block maxima are known.
+
+    ``find`` and ``first_threshold`` (the sampled threshold, when the caller already has the sample) let
+    the compiled CPU path run the same sequence of thresholds with its own candidate search.
+    """
+    if find is None:
+
+        def find(thr: float) -> Tensor:
+            return candidates_above(x, block_max, thr, mask)
+
     if sample_ratio < 1.0:
-        thr = sampled_threshold(x, k, sample_ratio, offset)
+        thr = first_threshold
+        if thr is None:
+            thr = sampled_threshold(x, k, sample_ratio, offset)
         for _ in range(1 + MAX_THRESHOLD_RETRIES):  # the first try, then up to 10 lowered thresholds
             if not thr > 0.0:  # no estimate (or NaN): go exact
                 break
-            cand = candidates_above(x, block_max, thr, mask)
+            cand = find(thr)
             if cand.numel() >= k:
                 return _finish(x, k, cand)
             thr *= THRESHOLD_DECAY
     thr = exact_threshold(block_max, k)
     if thr > 0.0:
-        cand = candidates_above(x, block_max, thr, mask)
+        cand = find(thr)
         if cand.numel() >= k:  # always, barring NaN in x
             return _finish(x, k, cand)
     return _direct_topk(x, k, mask)
@@ -381,10 +430,11 @@ def select_topk(
 
     ``sample_ratio == 1`` takes the exact block-maximum threshold; below 1 a sampled threshold is tried
     first and lowered by :data:`THRESHOLD_DECAY` (at most :data:`MAX_THRESHOLD_RETRIES` times) while fewer
-    than ``k`` entries pass, as in SPEC 2.4; the block threshold is the fallback, and a full ``torch.topk``
-    when ``k`` exceeds the number of blocks.  Either way the result is the exact top-k set.  ``k`` must not
-    exceed the number of unmasked entries.  ``block_max`` (from :func:`block_absmax` with the same mask)
-    saves a pass over ``x``.
+    than ``k`` entries pass (see [docs/algorithm.md](../docs/algorithm.md#selection)); the block threshold
+    is the fallback, and a full ``torch.topk`` when ``k`` exceeds the number of blocks.  Either way the
+    result is the exact top-k set, ties at the k-th magnitude going to the lowest indices (the oracle:
+    :func:`dgc.kernels.plain.topk_reference`).  ``k`` must not exceed the number of unmasked entries.
+    ``block_max`` (from :func:`block_absmax` with the same mask) saves a pass over ``x``.
     """
     x = x.detach().reshape(-1)
     n = x.numel()
@@ -416,7 +466,7 @@ def compress_step(
 ) -> Tensor:
     """One DGC step for one tensor, fused into a single chunked pass plus the selection.
 
-    ``grad`` (any float dtype, flat), ``momentum`` u and ``residual`` v (float32, flat, updated in place):
+    ``grad`` (any float dtype), ``momentum`` u and ``residual`` v (float32, contiguous, updated in place):
 
     1. momentum correction ``u <- beta*u + g`` (Nesterov: ``u <- beta*(u + g)``, and v gets ``u + g``);
     2. local accumulation ``v <- v + u``;
@@ -428,22 +478,53 @@ def compress_step(
 
     With ``mask`` the gradient is multiplied by it first, so masked u and v stay zero.  ``momentum`` may be
     None (then v simply accumulates g).  A float64 ``grad`` is rounded to float32 before step 1.  Returns
-    the selected indices (int64, ascending) for callers that need them.
+    the selected indices (int64, ascending) for callers that need them.  The same steps, unfused and
+    readable, are :func:`dgc.kernels.plain.dgc_step_reference` (the test oracle).
     """
     n = grad.numel()
-    if not 0 <= k <= n:
-        raise ValueError(f"k = {k} must be in [0, grad.numel() = {n}]")
+    check_k(k, n)
     g = grad.detach().reshape(-1)
-    v = residual.reshape(-1)
-    u = None if momentum is None else momentum.reshape(-1)
+    v = check_state("residual", residual, n)
+    u = None if momentum is None else check_state("momentum", momentum, n)
     fm = None if mask is None else mask.reshape(-1)
     block_max = torch.empty(_num_blocks(n), dtype=torch.float32, device=v.device)
-    convert = fm is not None or g.dtype == torch.float64
+    _over_chunks(n, _update_chunks(g, u, v, fm, block_max, beta, nesterov), v.device)  # steps 1-2
+    if k == 0:
+        return torch.empty(0, dtype=torch.int64, device=v.device)
+    idx = _select(v, k, sample_ratio, offset, block_max, fm)  # step 3
+    pack(v, u, idx, out_indices, out_values, momentum_masking)  # steps 4-5
+    return idx
+
+
+def check_k(k: int, n: int) -> None:
+    if not 0 <= k <= n:
+        raise ValueError(f"k = {k} must be in [0, grad.numel() = {n}]")
+
+
+def check_state(name: str, t: Tensor, n: int) -> Tensor:
+    """``t`` flattened, as a view: DGC's state is updated in place, so a copy would lose the update."""
+    if t.numel() != n or not t.is_contiguous():
+        raise ValueError(
+            f"compress_step: {name} must be a contiguous tensor of {n} elements (the gradient's size), "
+            f"got {t.numel()} elements, contiguous={t.is_contiguous()}; keep DGC's state in "
+            "torch.zeros(numel, dtype=torch.float32)"
+        )
+    return t.view(-1)
+
+
+def _update_chunks(
+    g: Tensor, u: Tensor | None, v: Tensor, fm: Tensor | None, block_max: Tensor, beta: float,
+    nesterov: bool,
+) -> Callable[[int, int], None]:  # fmt: skip
+    """Steps 1-2 and the block maxima of ``|v|`` over a range, chunk by chunk (for :func:`_over_chunks`)."""
+    convert = fm is not None or g.dtype != torch.float32
     step = _piece(v.device)
 
-    def run(lo: int, hi: int) -> None:  # steps 1-2 and the block maxima, chunk by chunk
+    def run(lo: int, hi: int) -> None:
         scratch = torch.empty(min(hi - lo, step), dtype=torch.float32, device=v.device)
-        # Masked or float64 gradients are first written, as float32, into a second scratch buffer.
+        # Masked or non-float32 gradients are first written, as float32, into a second scratch buffer,
+        # so that the momentum step is always the same float32 operation (mixed-dtype kernels may round
+        # differently).
         gbuf = torch.empty_like(scratch) if convert else scratch
         for start in range(lo, hi, step):
             stop = min(start + step, hi)
@@ -465,23 +546,24 @@ def compress_step(
                     vc.add_(uc)
             _absmax_into(vc, block_max[start // BLOCK : _num_blocks(stop)], scratch, mc)
 
-    _over_chunks(n, run, v.device)
-    # Step 3
-    if k == 0:
-        return torch.empty(0, dtype=torch.int64, device=v.device)
-    idx = _select(v, k, sample_ratio, offset, block_max, fm)
-    # Step 4
+    return run
+
+
+def pack(
+    v: Tensor, u: Tensor | None, idx: Tensor, out_indices: Tensor, out_values: Tensor,
+    momentum_masking: bool,
+) -> None:  # fmt: skip
+    """Steps 4-5 for the selected ``idx``: the pairs into the outputs (values saturated to the wire
+    dtype), the wire's rounding error (0 in float32) left in v, and momentum factor masking."""
     sent = v.index_select(0, idx)
     out_indices.copy_(idx)
     out_values.copy_(saturate(sent, out_values.dtype))
-    # Step 5
     if out_values.dtype == torch.float32:
         v.index_fill_(0, idx, 0.0)
     else:
         v.index_copy_(0, idx, sent.sub_(out_values.float()))
     if u is not None and momentum_masking:
         u.index_fill_(0, idx, 0.0)
-    return idx
 
 
 def saturate(x: Tensor, dtype: torch.dtype) -> Tensor:

@@ -2,7 +2,9 @@
 
 Every semantic test runs against three implementations of the same functions:
 
-* ``torch``: the torch twins (``dgc.kernels.reference``), the CPU path;
+* ``torch``: the torch twins (``dgc.kernels.reference``);
+* ``fused``: the compiled CPU path (``dgc.kernels.cpu_fused``, what ``backend="auto"`` runs on a CPU;
+  skipped where no C++ compiler builds it);
 * ``emulated``: the real ``kernels/cupy_backend.py`` with the real CUDA C, run on the CPU by the
   emulator of ``test_kernels_emulator.py`` (small sizes: every CUDA thread is an OS thread);
 * ``cupy``: the CuPy kernels on a GPU (``@pytest.mark.gpu``, skipped without CUDA and CuPy).
@@ -64,10 +66,16 @@ def emulated() -> Impl:
     return Impl("emulated", module, torch.device("cpu"), 1_000)
 
 
-@pytest.fixture(params=["torch", "emulated", pytest.param("cupy", marks=gpu)])
+@pytest.fixture(params=["torch", "fused", "emulated", pytest.param("cupy", marks=gpu)])
 def impl(request) -> Impl:
     if request.param == "torch":
         return Impl("torch", reference, torch.device("cpu"), 300_000)
+    if request.param == "fused":
+        from dgc.kernels import cpu_fused
+
+        if not cpu_fused.is_available():
+            pytest.skip("the compiled CPU kernels are unavailable (no C++ compiler?)")
+        return Impl("fused", cpu_fused, torch.device("cpu"), 300_000)
     if request.param == "emulated":
         return request.getfixturevalue("emulated")
     from dgc.kernels import cupy_backend
@@ -575,7 +583,9 @@ def test_cupy_backend_without_gpu_is_unavailable():
 
     assert cupy_backend.is_available() is False
     assert dgc.kernels.cupy_available() is False
-    assert dgc.kernels.backend_for(torch.device("cpu")) is reference
+    cpu = dgc.kernels.backend_for(torch.device("cpu"))
+    assert cpu.__name__ in ("dgc.kernels.cpu_fused", "dgc.kernels.reference")
+    assert dgc.kernels.backend_for(torch.device("cpu"), "torch") is reference
     assert dgc.kernels.backend_for(torch.device("cuda")) is reference  # auto falls back
     with pytest.raises(RuntimeError, match="cupy"):
         dgc.kernels.backend_for(torch.device("cuda"), "cupy")

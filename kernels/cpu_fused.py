@@ -1,0 +1,397 @@
+"""The compiled CPU path of DGC: the torch twins' fused pass and candidate search as C++ loops.
+
+:mod:`.reference` already does steps 1-2 and the block maxima in one chunked pass, but as a dozen torch
+operations per chunk; here the same pass is one loop (``kernels/cpu_fused.cpp``): per element it reads g,
+u, v, writes u, v, and per block of :data:`~.reference.BLOCK` elements one maximum, while the 1% sample
+of ``|v|`` is picked up on the way.  The candidate search reads only the blocks whose maximum reaches the
+threshold.  Everything else (the thresholds and their retries, the exact top-k among the candidates,
+packing, step 5, :func:`scatter_unpack`) is the twins' own code, so the results are the twins' bits:
+same selected set, same u and v (``tests/test_kernels_fast.py`` checks it, and a self-check at load
+time refuses a build that disagrees with torch on this machine).
+
+Build: ``g++`` (or ``$CXX``) compiles the source once per source/compiler/CPU into
+``~/.cache/dgc/kernels`` (``$XDG_CACHE_HOME``, or ``$DGC_KERNEL_CACHE``) in a few seconds, at the first
+call; the library is loaded with :mod:`ctypes`, and calls release the GIL, so the twins' thread pool runs
+the ranges in parallel.  Without a compiler (or with ``DGC_CPU_KERNELS=0``) one log line says so and
+:func:`is_available` is False: :func:`dgc.kernels.backend_for` then hands out the twins.
+
+Inputs: CPU tensors; gradients float32/float16/bfloat16/float64 (read as they are, float64 rounded to
+float32 as the twins do); u and v float32 and contiguous (they are updated in place: anything else is a
+``ValueError``/``TypeError``); other inputs are made contiguous by a copy.  Anything else (CUDA tensors,
+float64 ``x`` in a bare selection) goes to the twins.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .reference import (
+    BLOCK,
+    candidates_above,
+    exact_threshold,
+    sampled_threshold,
+    saturate,
+    scatter_unpack,
+)
+
+__all__ = [
+    "block_absmax",
+    "build",
+    "candidates_above",
+    "compress_step",
+    "exact_threshold",
+    "is_available",
+    "sampled_threshold",
+    "saturate",
+    "scatter_unpack",
+    "select_topk",
+]
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).resolve().parent / "cpu_fused.cpp"
+_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC")
+"""``-ffp-contract=off``: no fused multiply-add except where the source asks for one (bit-compatibility)."""
+
+_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+_ACCUMULATE, _MOMENTUM_FMA, _MOMENTUM_MUL_ADD, _NESTEROV, _READ_ONLY = 0, 1, 2, 3, -1
+
+_ptr = ctypes.c_void_p
+_i64 = ctypes.c_int64
+
+
+# ------------------------------------------------------------------------------------------------ build
+def _cache_dir() -> Path:
+    if os.environ.get("DGC_KERNEL_CACHE"):
+        return Path(os.environ["DGC_KERNEL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "dgc" / "kernels"
+
+
+def _cpu_flags() -> str:
+    """What ``-march=native`` depends on: the CPU's feature flags (a shared cache never hands a build to
+    a CPU without the instructions it uses)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build() -> Path:
+    """Compile ``cpu_fused.cpp`` (once; cached) and return the shared library's path.
+
+    Raises ``RuntimeError`` when no compiler is found or the compilation fails.
+    """
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    if cxx is None:
+        raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'g++')} not on PATH; set CXX)")
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
+    key = hashlib.sha256(
+        "\0".join([_SOURCE.read_text(), " ".join(_FLAGS), version, platform.machine(), _cpu_flags()]).encode()
+    ).hexdigest()[:16]
+    target = _cache_dir() / f"cpu_fused-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)  # several ranks may build at once
+    os.close(fd)
+    try:
+        done = subprocess.run([cxx, *_FLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, text=True, check=False)
+        if done.returncode:
+            raise RuntimeError(f"{cxx} failed: {done.stderr.strip()[-500:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@dataclass(frozen=True)
+class _Library:
+    dll: ctypes.CDLL
+    momentum_mode: int
+    """``_MOMENTUM_FMA`` or ``_MOMENTUM_MUL_ADD``: how ``torch.add(g, u, alpha=beta)`` rounds here."""
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    dll = ctypes.CDLL(str(path))  # CDLL calls release the GIL
+    dll.dgc_cpu_pass.restype = ctypes.c_int
+    dll.dgc_cpu_pass.argtypes = [_ptr, ctypes.c_int, _ptr, _ptr, _ptr, _ptr, _i64, _i64, ctypes.c_float,
+                                 ctypes.c_int, _ptr, _i64, _i64]  # fmt: skip
+    dll.dgc_cpu_candidates.restype = _i64
+    dll.dgc_cpu_candidates.argtypes = [_ptr, ctypes.c_int, _ptr, _ptr, _i64, _i64, _i64, ctypes.c_float,
+                                       ctypes.c_int, _ptr, _i64]  # fmt: skip
+    dll.dgc_cpu_blocks_above.restype = _i64
+    dll.dgc_cpu_blocks_above.argtypes = [_ptr, _i64, ctypes.c_float]
+    return dll
+
+
+def _momentum_mode(dll: ctypes.CDLL) -> int:
+    """The C++ momentum step that rounds as ``torch.add(g, u, alpha=beta)`` does on this machine."""
+    gen = torch.Generator().manual_seed(0)
+    g, u = torch.randn(4099, generator=gen), torch.randn(4099, generator=gen)
+    want = torch.add(g, u, alpha=0.9)
+    for mode in (_MOMENTUM_FMA, _MOMENTUM_MUL_ADD):
+        u2, v2 = u.clone(), torch.zeros_like(u)
+        bm = torch.empty(reference._num_blocks(g.numel()))
+        dll.dgc_cpu_pass(g.data_ptr(), 0, None, u2.data_ptr(), v2.data_ptr(), bm.data_ptr(), 0, g.numel(),
+                         0.9, mode, None, 0, 0)  # fmt: skip
+        if torch.equal(u2, want):
+            return mode
+    raise RuntimeError("torch.add(g, u, alpha) rounds neither as one fma nor as a multiply and an add")
+
+
+def _self_check(lib: _Library) -> None:
+    """The compiled pass against the twin on every mode, bit for bit (a miscompiled or mismatched build
+    must not run)."""
+    gen = torch.Generator().manual_seed(1)
+    n = 3 * BLOCK * 100 + 37
+    g = torch.randn(n, generator=gen)
+    mask = torch.rand(n, generator=gen) > 0.3
+    for momentum, nesterov, m, dtype in [(0.9, False, None, torch.float32), (0.9, True, mask, torch.bfloat16),
+                                         (0.0, False, None, torch.float16), (0.9, False, mask, torch.float64)]:  # fmt: skip
+        u0, v0 = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+        out = []
+        for fast in (False, True):
+            u, v = u0.clone(), v0.clone()
+            bm = torch.empty(reference._num_blocks(n))
+            gd = g.to(dtype)
+            uu = u if momentum else None
+            if fast:
+                _update(lib, gd, uu, v, m, bm, momentum, nesterov, None, 0, 0, 0, n)
+            else:
+                reference._update_chunks(gd, uu, v, m, bm, momentum, nesterov)(0, n)
+            out.append((u, v, bm))
+        for a, b in zip(*out):
+            if not torch.equal(a, b):
+                raise RuntimeError("the compiled pass disagrees with the torch twin on this machine")
+
+
+@functools.cache
+def _library() -> _Library | None:
+    if os.environ.get("DGC_CPU_KERNELS", "1") == "0":
+        _notice("DGC_CPU_KERNELS=0")
+        return None
+    try:
+        dll = _load(build())
+        lib = _Library(dll, _momentum_mode(dll))
+        _self_check(lib)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        _notice(str(exc))
+        return None
+    return lib
+
+
+def _notice(why: str) -> None:
+    """The one log line of a fallback (rank 0 only, in a process group)."""
+    rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
+        torch.distributed.get_rank() == 0
+    )
+    (log.warning if rank0 else log.debug)(
+        "dgc.kernels: compiled CPU kernels unavailable (%s); using the torch twins (about 2x slower)", why
+    )
+
+
+def is_available() -> bool:
+    """True when the compiled CPU kernels are built (or build now), load and pass their self-check."""
+    return _library() is not None
+
+
+# ---------------------------------------------------------------------------------------- the C++ calls
+def _addr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _update(
+    lib: _Library, g: Tensor, u: Tensor | None, v: Tensor, mask: Tensor | None, bm: Tensor, beta: float,
+    nesterov: bool, sample: Tensor | None, stride: int, first: int, lo: int, hi: int,
+) -> None:  # fmt: skip
+    """Steps 1-2 (or, with ``v is None``, nothing), block maxima and sample over ``[lo, hi)``."""
+    if v is None:
+        mode = _READ_ONLY
+    elif u is None:
+        mode = _ACCUMULATE
+    else:
+        mode = _NESTEROV if nesterov else lib.momentum_mode
+    rc = lib.dll.dgc_cpu_pass(
+        g.data_ptr(), _KIND[g.dtype], _addr(mask), _addr(u), _addr(v), bm.data_ptr(), lo, hi, beta, mode,
+        _addr(sample), stride, first,
+    )  # fmt: skip
+    if rc:
+        raise RuntimeError(f"dgc_cpu_pass: unsupported dtype {g.dtype}")
+
+
+def _pass(
+    lib: _Library, g: Tensor, u: Tensor | None, v: Tensor | None, mask: Tensor | None, beta: float,
+    nesterov: bool, sample_ratio: float, offset: int,
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    """The block maxima of ``|v|`` (of ``|g|`` when ``v`` is None) after steps 1-2, and the strided
+    sample of the same magnitudes (None when ``sample_ratio >= 1``), over all threads."""
+    n = g.numel()
+    bm = torch.empty(reference._num_blocks(n), dtype=torch.float32)
+    sample, stride, first = None, 0, 0
+    if sample_ratio < 1.0:
+        stride = reference.sample_stride(sample_ratio)
+        first = offset % stride
+        sample = torch.empty(max(0, -(-(n - first) // stride)), dtype=torch.float32)
+
+    def run(lo: int, hi: int) -> None:
+        _update(lib, g, u, v, mask, bm, beta, nesterov, sample, stride, first, lo, hi)
+
+    reference._over_chunks(n, run, g.device)
+    return bm, sample
+
+
+def _finder(lib: _Library, x: Tensor, mask: Tensor | None, bm: Tensor) -> reference.Candidates:
+    """``thr -> candidates``, the compiled :func:`reference.candidates_above` (same scan-everything rule)."""
+    n, nb = x.numel(), bm.numel()
+    kind = _KIND[x.dtype]
+
+    def find(thr: float) -> Tensor:
+        blocks = lib.dll.dgc_cpu_blocks_above(bm.data_ptr(), nb, thr)
+        scan_all = int(blocks * reference._DENSE_SCAN_FRACTION > nb)
+
+        def run(lo: int, hi: int) -> Tensor:
+            cap = hi - lo if scan_all else min(hi - lo, blocks * BLOCK)
+            out = torch.empty(cap, dtype=torch.int64)
+            count = lib.dll.dgc_cpu_candidates(
+                x.data_ptr(), kind, _addr(mask), bm.data_ptr(), n, lo, hi, thr, scan_all, out.data_ptr(), cap
+            )  # fmt: skip
+            if not 0 <= count <= cap:
+                raise RuntimeError(f"dgc_cpu_candidates returned {count} (capacity {cap})")
+            return out[:count]
+
+        parts = reference._over_chunks(n, run, x.device)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    return find
+
+
+# ------------------------------------------------------------------------------------------ the checks
+def _flat_input(name: str, t: Tensor) -> Tensor:
+    """A read-only input, flat and contiguous (a copy only if it was strided)."""
+    return t.detach().reshape(-1).contiguous()
+
+
+def _flat_mask(mask: Tensor | None, n: int) -> Tensor | None:
+    if mask is None:
+        return None
+    if mask.dtype != torch.bool or mask.numel() != n or mask.device.type != "cpu":
+        raise ValueError(
+            f"mask must be a CPU bool tensor of {n} elements (True = live), got {mask.dtype} of "
+            f"{mask.numel()} on {mask.device}; pass mask.bool()"
+        )
+    return _flat_input("mask", mask)
+
+
+def _fast(*tensors: Tensor | None) -> _Library | None:
+    """The library when every tensor is on the CPU and it is available, else None (use the twins)."""
+    if any(t is not None and t.device.type != "cpu" for t in tensors):
+        return None
+    return _library()
+
+
+def _float32_state(name: str, t: Tensor, n: int) -> Tensor:
+    if t.dtype != torch.float32:
+        raise TypeError(f"compress_step: {name} must be float32 (DGC keeps its state in float32), got {t.dtype}")
+    return reference.check_state(name, t, n)
+
+
+# ----------------------------------------------------------------------------------------------- the API
+def block_absmax(x: Tensor, mask: Tensor | None = None) -> Tensor:
+    """:func:`reference.block_absmax`, compiled (float64 ``x``: the twin)."""
+    lib = _fast(x, mask)
+    if lib is None or x.dtype not in _KIND or x.dtype == torch.float64:
+        return reference.block_absmax(x, mask)
+    flat = _flat_input("x", x)
+    return _pass(lib, flat, None, None, _flat_mask(mask, flat.numel()), 0.0, False, 1.0, 0)[0]
+
+
+def select_topk(
+    x: Tensor,
+    k: int,
+    *,
+    sample_ratio: float = 0.01,
+    offset: int = 0,
+    block_max: Tensor | None = None,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """:func:`reference.select_topk`, compiled: the same indices (int64, ascending)."""
+    lib = _fast(x, mask, block_max)
+    if lib is None or x.dtype not in _KIND or x.dtype == torch.float64 or k == 0:
+        return reference.select_topk(
+            x, k, sample_ratio=sample_ratio, offset=offset, block_max=block_max, mask=mask
+        )
+    flat = _flat_input("x", x)
+    n = flat.numel()
+    reference.check_k(k, n)
+    fm = _flat_mask(mask, n)
+    first = None
+    if block_max is None:
+        block_max, sample = _pass(lib, flat, None, None, fm, 0.0, False, sample_ratio, offset)
+        first = None if sample is None else reference.threshold_of_sample(sample, k, n)
+    else:
+        block_max = _flat_input("block_max", block_max).float()
+    return reference._select(
+        flat, k, sample_ratio, offset, block_max, fm, find=_finder(lib, flat, fm, block_max),
+        first_threshold=first,
+    )  # fmt: skip
+
+
+def compress_step(
+    grad: Tensor,
+    momentum: Tensor | None,
+    residual: Tensor,
+    *,
+    beta: float,
+    nesterov: bool,
+    k: int,
+    sample_ratio: float,
+    offset: int,
+    momentum_masking: bool,
+    out_indices: Tensor,
+    out_values: Tensor,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """:func:`reference.compress_step`, compiled: the same selected set, the same bits of u and v."""
+    lib = _fast(grad, momentum, residual, mask)
+    if lib is None:
+        return reference.compress_step(
+            grad, momentum, residual, beta=beta, nesterov=nesterov, k=k, sample_ratio=sample_ratio,
+            offset=offset, momentum_masking=momentum_masking, out_indices=out_indices,
+            out_values=out_values, mask=mask,
+        )  # fmt: skip
+    if grad.dtype not in _KIND:
+        raise TypeError(f"compress_step: grad must be a float tensor (float32/16, bfloat16, float64), got {grad.dtype}")
+    g = _flat_input("grad", grad)
+    n = g.numel()
+    reference.check_k(k, n)
+    v = _float32_state("residual", residual, n)
+    u = None if momentum is None else _float32_state("momentum", momentum, n)
+    fm = _flat_mask(mask, n)
+    bm, sample = _pass(lib, g, u, v, fm, beta, nesterov, sample_ratio, offset)  # steps 1-2
+    if k == 0:
+        return torch.empty(0, dtype=torch.int64)
+    first = None if sample is None else reference.threshold_of_sample(sample, k, n)
+    idx = reference._select(
+        v, k, sample_ratio, offset, bm, fm, find=_finder(lib, v, fm, bm), first_threshold=first
+    )  # step 3
+    reference.pack(v, u, idx, out_indices, out_values, momentum_masking)  # steps 4-5
+    return idx
