@@ -1,4 +1,5 @@
-"""The bandwidth benchmark (launch/bench_bandwidth.py): model shapes, byte accounting, a tiny run."""
+"""The bandwidth benchmark (dgc.bench.bandwidth, launch/bench_bandwidth.py): model shapes, byte
+accounting, a tiny run."""
 
 from __future__ import annotations
 
@@ -12,14 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from _dist import run_distributed
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "launch"))
+from dgc.bench import bandwidth, grad_shapes
 
-import bandwidth_report  # noqa: E402
-import bench_bandwidth  # noqa: E402
-import grad_shapes  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------------ model shapes
@@ -99,20 +98,23 @@ def _analytic_message_bytes(names: list[str], density: float, value_bytes: int) 
     return (raw + 7) // 8 * 8
 
 
-def _bench_worker(rank: int, world_size: int, methods: list[str]) -> dict[str, dict]:
+def _bench_worker(rank: int, world_size: int, methods: list[str], init: str) -> dict[str, dict]:
     torch.set_num_threads(1)
-    opts = bench_bandwidth.RunOptions(
+    # The benchmark sees the collectives through its counting process group: the default one.
+    dist.destroy_process_group()
+    bandwidth.init_counting_process_group("gloo", init_method=f"file://{init}", rank=rank,
+                                          world_size=world_size)
+    opts = bandwidth.RunOptions(
         model="tiny", compute="real", batch=2, warmup=3, steps=2, replay=0,
         bucket_cap_mb=0.008, iface="lo",
     )
-    return {m: asdict(bench_bandwidth.run_method(bench_bandwidth.METHODS[m], opts))
-            for m in methods}
+    return {m: asdict(bandwidth.run_method(bandwidth.METHODS[m], opts)) for m in methods}
 
 
 @pytest.mark.timeout(120)
-def test_byte_counts_match_the_wire_format() -> None:
+def test_byte_counts_match_the_wire_format(tmp_path: Path) -> None:
     methods = ["dense", "dgc", "dgc-fp16"]
-    results = run_distributed(_bench_worker, 2, methods, timeout=110)
+    results = run_distributed(_bench_worker, 2, methods, str(tmp_path / "init"), timeout=110)
     n = 2
     params = 7224
     for rank, res in enumerate(results):
@@ -130,6 +132,7 @@ def test_byte_counts_match_the_wire_format() -> None:
             # What the benchmark saw handed to the collectives: one allgather per bucket, of
             # exactly these messages (the hook calls them in bucket order).
             assert r["payload_bytes"] == sum(per_bucket)
+            assert r["stats_bytes_sent"] == sum(per_bucket)  # the method's own account
             assert [op["op"] for op in r["ops"]] == ["all_gather_single"] * len(per_bucket)
             assert [op["bytes"] for op in r["ops"]] == per_bucket
             assert all(op["out_numel"] == n * op["in_numel"] for op in r["ops"])
@@ -139,6 +142,9 @@ def test_byte_counts_match_the_wire_format() -> None:
             raw_tx = r["tx_bytes"] + r["barrier_tx_bytes"]
             assert raw_tx >= n * (n - 1) * sum(per_bucket)
         assert res["dense"]["payload_bytes"] == 4 * params
+        assert res["dense"]["stats_bytes_sent"] == 4 * params
+        # DDP's own allreduce (no hook) went through the counting group too.
+        assert {op["op"] for op in res["dense"]["ops"]} == {"all_reduce"}
         dense = res["dense"]
         assert dense["tx_bytes"] + dense["barrier_tx_bytes"] >= n * 2 * (n - 1) / n * 4 * params
         for r in res.values():
@@ -148,16 +154,16 @@ def test_byte_counts_match_the_wire_format() -> None:
 # ----------------------------------------------------------------------------- report arithmetic
 def test_break_even_crossing() -> None:
     # dense: 0.5 s + 800 Mbit / rate; method: 0.7 s + 8 Mbit / rate -> equal at 3.96 Gbit/s.
-    assert bandwidth_report._cross(0.5, 8e8, 0.7, 8e6) == pytest.approx(7.92e8 / 0.2)
-    assert bandwidth_report._cross(0.5, 8e8, 0.4, 8e6) == math.inf  # cheaper everywhere
-    assert bandwidth_report._cross(0.5, 8e6, 0.7, 8e8) is None  # never
+    assert bandwidth.cross(0.5, 8e8, 0.7, 8e6) == pytest.approx(7.92e8 / 0.2)
+    assert bandwidth.cross(0.5, 8e8, 0.4, 8e6) == math.inf  # cheaper everywhere
+    assert bandwidth.cross(0.5, 8e6, 0.7, 8e8) is None  # never
     rows = [
         {"model": "m", "nodes": 2, "method": meth, "rate_bit_s": rate,
          "step_s": a + b / rate, "local_cpu_s": a, "tx_bytes": b / 8}
         for meth, a, b in (("dense", 0.5, 8e8), ("dgc", 0.7, 8e6))
         for rate in (1e9, 1e10)
     ]
-    be = bandwidth_report.break_even(rows, "dgc", "m", 2)
+    be = bandwidth.break_even(rows, "dgc", "m", 2)
     assert be["fit_bit_s"] == pytest.approx(3.96e9)
     assert be["cost_model_bit_s"] == pytest.approx(3.96e9)
 
@@ -168,7 +174,7 @@ E2E_METHODS = ["dense", "fp16", "powersgd-r1", "dgc"]
 
 @pytest.mark.timeout(150)
 def test_worker_end_to_end_and_report(tmp_path: Path) -> None:
-    run_json = tmp_path / bandwidth_report.RUNS_DIR / "tiny-n2-loopback.json"
+    run_json = tmp_path / bandwidth.RUNS_DIR / "tiny-n2-loopback.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("GLOO_SOCKET_IFNAME", None)
     cmd = [
@@ -199,7 +205,7 @@ def test_worker_end_to_end_and_report(tmp_path: Path) -> None:
     data["meta"]["link"] = {"simulated": False, "asked_bit_s": None}
     data["meta"]["rate"] = "loopback"
     run_json.write_text(json.dumps(data))
-    bandwidth_report.report(tmp_path)
+    bandwidth.report(tmp_path)
     rows = list(csvrows(tmp_path / "bandwidth.csv"))
     assert [r["method"] for r in rows] == E2E_METHODS
     dgc_row = next(r for r in rows if r["method"] == "dgc")

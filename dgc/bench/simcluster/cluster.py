@@ -302,6 +302,7 @@ class SimCluster:
         timeout_s: float = 600.0,
         fail_grace_s: float = 5.0,
         on_line: Callable[[int, str], None] | None = None,
+        extra_env: dict[str, str] | None = None,
     ) -> ClusterResult:
         """Run ``argv`` on every node at once (placeholders filled per node) and wait.
 
@@ -309,6 +310,7 @@ class SimCluster:
         stdout as ``[node<rank>] line``). When a node fails, the others get ``fail_grace_s``
         seconds to finish before they are stopped (a torchrun peer would otherwise wait for
         its rendezvous timeout); after ``timeout_s`` all are stopped and ``timed_out`` is set.
+        ``extra_env`` is added to every node's environment (:meth:`node_env`).
         """
         if not self._up:
             raise SimClusterError("run() needs a cluster that is set up")
@@ -317,7 +319,8 @@ class SimCluster:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s={timeout_s} must be > 0 seconds")
         launches = [
-            NodeLaunch(argv=self.exec_argv(r, argv), env=self.node_env(r), namespace=self.node_ns(r))
+            NodeLaunch(argv=self.exec_argv(r, argv), env={**self.node_env(r), **(extra_env or {})},
+                       namespace=self.node_ns(r))
             for r in range(self.config.nodes)
         ]
         return run_on_nodes(

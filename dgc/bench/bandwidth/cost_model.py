@@ -1,0 +1,86 @@
+"""The cost model with measured parts: how many copies a collective sends, the dedicated-core
+step estimate, and the link rate where a method stops beating dense allreduce (the formula:
+docs/algorithm.md#cost-model)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+__all__ = ["GATHER_METHODS", "break_even", "copies", "copies_of_method", "cross", "estimate_s"]
+
+#: Methods whose message travels by allgather (each node sends it to N-1 peers).
+GATHER_METHODS = ("topk", "dgc", "dgc-fp16")
+
+
+def copies(ops: list[dict[str, Any]], n: int) -> float:
+    """How many times the payload crosses a node's link per step in the collectives ``ops``."""
+    if ops and all(op["op"] != "all_reduce" for op in ops):
+        return float(n - 1)  # allgather: each node sends its message to N-1 peers
+    return 2.0 * (n - 1) / n  # ring allreduce: reduce-scatter + allgather
+
+
+def copies_of_method(method: str, n: int) -> float:
+    """:func:`copies` from the method's name (for rows that no longer hold their ops)."""
+    return float(n - 1) if method in GATHER_METHODS else 2.0 * (n - 1) / n
+
+
+def estimate_s(row: dict[str, Any] | None) -> float | None:
+    """Step time with a dedicated core: CPU time of the one-rank step (compute + codec) plus the
+    communication replay, no overlap; None without both."""
+    if row is None or row.get("local_cpu_s") is None or row.get("comm_replay_s") is None:
+        return None
+    return row["local_cpu_s"] + row["comm_replay_s"]
+
+
+def cross(ad: float, bd: float, am: float, bm: float) -> float | None:
+    """Rate where ``ad + bd/r == am + bm/r``; the method wins below it (it sends less, bm < bd).
+
+    ``None`` = never (slower even at 0 bandwidth cost), ``inf`` = at every rate."""
+    if bm >= bd:
+        return None if am >= ad else math.inf
+    if am <= ad:
+        return math.inf  # cheaper locally and on the wire: wins at every rate
+    return (bd - bm) / (am - ad)
+
+
+def _fit(rows: list[dict[str, Any]], method: str, model: str, nodes: int) -> tuple[float, float] | None:
+    """``(a, b)`` of step = a + b / rate through the method's points at the lowest and highest
+    finite link rate; None with fewer than two."""
+    pts = sorted(
+        (r["rate_bit_s"], r["step_s"]) for r in rows
+        if r["model"] == model and r["nodes"] == nodes and r["method"] == method
+        and r["rate_bit_s"] and r["step_s"]
+    )
+    if len(pts) < 2:
+        return None
+    (r1, t1), (r2, t2) = pts[0], pts[-1]
+    b = (t1 - t2) / (1 / r1 - 1 / r2)
+    return t1 - b / r1, b
+
+
+def break_even(rows: list[dict[str, Any]], method: str, model: str, nodes: int) -> dict[str, Any]:
+    """Link rate below which ``method`` beats dense allreduce, two ways:
+
+    - ``fit_bit_s``: each method's measured step time as ``a + b / rate`` through its points at
+      the two finite link rates of the sweep; the curves cross at ``(b_dense - b_m) / (a_m -
+      a_dense)``;
+    - ``cost_model_bit_s``: the cost model with measured parts, ``local_cpu_s + 8 * tx_bytes /
+      rate`` (CPU time of compute + codec on a one-rank group, i.e. on a dedicated core, plus
+      the measured bytes at the link rate, no overlap).
+
+    ``None`` = it never pays off (slower even at 0 bandwidth cost), ``inf`` = it always does.
+    """
+    out: dict[str, Any] = {"method": method, "model": model, "nodes": nodes}
+    dense_fit, fit = _fit(rows, "dense", model, nodes), _fit(rows, method, model, nodes)
+    if dense_fit is not None and fit is not None:
+        out["fit_a_s"], out["fit_b_bits"] = fit
+        out["fit_bit_s"] = cross(*dense_fit, *fit)
+    one = [r for r in rows if r["model"] == model and r["nodes"] == nodes and r["rate_bit_s"]]
+    d = next((r for r in one if r["method"] == "dense"), None)
+    m = next((r for r in one if r["method"] == method), None)
+    if d and m and d["local_cpu_s"] is not None and m["local_cpu_s"] is not None \
+            and d["tx_bytes"] and m["tx_bytes"]:
+        out["cost_model_bit_s"] = cross(d["local_cpu_s"], 8 * d["tx_bytes"],
+                                        m["local_cpu_s"], 8 * m["tx_bytes"])
+    return out
