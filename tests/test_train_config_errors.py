@@ -53,6 +53,15 @@ def no_process_group(monkeypatch):
     (("logger.log_every=0",), r"logger\.log_every"),
     (("model=char_lstm",), r"CharLSTM cannot take the inputs"),
     (("model.dropout=1.5",), r"model\.dropout"),
+    (("train.precision=fp8",), r"train\.precision = 'fp8' is invalid: use 32, bf16 or fp16"),
+    (("train.precision=fp16", "train.loss_scale=0.5"), r"train\.loss_scale = 0\.5"),
+    (("train.precision=fp16", "train.loss_scale_growth_interval=0"),
+     r"train\.loss_scale_growth_interval"),
+    (("train.precision=fp16", "+compress=powersgd"),
+     r"train\.precision=fp16 cannot run with compress=powersgd"),
+    (("train.precision=fp16", "+compress=dgc", "compress.config.check_finite=false"),
+     r"train\.precision=fp16 with compress=dgc needs compress\.config\.check_finite=true"),
+    (("train.compile=true", "train.compile_backend=nope"), r"train\.compile_backend = 'nope'"),
 ])
 def test_bad_config_fails_before_the_process_group(tmp_path, no_process_group, overrides, match):
     cfg = _compose(tmp_path, *overrides)
@@ -75,6 +84,35 @@ def test_wandb_logger_without_wandb_is_a_clear_error(tmp_path, no_process_group)
 def test_misspelled_compress_key_is_named(tmp_path, no_process_group):
     cfg = _compose(tmp_path, "+compress=powersgd", "+compress.matrix_rank=2")
     with pytest.raises(TypeError, match="matrix_rank"):
+        train(cfg)
+
+
+def test_precision_32_from_the_command_line_is_the_string_32(tmp_path):
+    from omegaconf import OmegaConf
+
+    settings = OmegaConf.to_object(_compose(tmp_path, "train.precision=32").train)
+    assert settings.precision == "32"
+    assert OmegaConf.to_object(_compose(tmp_path, "train.precision=bf16").train).precision == "bf16"
+
+
+def test_inductor_without_a_cpp_compiler_fails_before_the_process_group(tmp_path, no_process_group,
+                                                                       monkeypatch):
+    import dgc.training.compiled as compiled
+
+    monkeypatch.setattr(compiled.shutil, "which", lambda name: None)
+    monkeypatch.setattr(compiled.torch.cuda, "is_available", lambda: False)
+    cfg = _compose(tmp_path, "train.compile=true")
+    with pytest.raises(ValueError, match=r"train\.compile=true with train\.compile_backend=inductor "
+                                         r"needs a C\+\+ compiler"):
+        train(cfg)
+
+
+def test_a_dist_target_without_the_runtime_methods_is_named(tmp_path, no_process_group):
+    cfg = _compose(tmp_path, "dist._target_=dgc.training.metrics.TaskMeter", "~dist.backend",
+                   "~dist.bucket_cap_mb", "~dist.gradient_as_bucket_view",
+                   "~dist.broadcast_buffers", "~dist.find_unused_parameters",
+                   "~dist.static_graph", "~dist.timeout_s")
+    with pytest.raises(TypeError, match=r"dist\._target_ = dgc\.training\.metrics\.TaskMeter .*Runtime"):
         train(cfg)
 
 

@@ -13,12 +13,13 @@ from dgc.stats import CompressionStats
 from dgc.training.batches import ShardedBatches
 from dgc.training.clipping import LocalGradClip
 from dgc.training.data import stdlib_files, stdlib_text, synthetic_images
-from dgc.training.logger import MetricsLogger
+from dgc.training.logger import MetricsLogger, Progress
 from dgc.training.metrics import TaskMeter, Traffic
 from dgc.training.models import CNN, CharLSTM, ResNet
 from dgc.training.rng import get_rng_state, seed_everything, set_rng_state
+from dgc.training.runtime import DDPRuntime, Runtime
 from dgc.training.schedule import constant, cosine
-from dgc.training.summary import format_epoch, format_summary
+from dgc.training.summary import RunDescription, format_banner, format_epoch, format_summary
 
 
 def test_shards_are_disjoint_equal_and_cover_the_epoch():
@@ -170,3 +171,45 @@ def test_summary_formats():
                "last_step_density": 0.00224}
     text = format_summary(summary)
     assert "421,642 parameters" in text and "last step" in text and "307.8x" in text
+
+
+def test_progress_in_a_captured_log_is_plain_lines_at_most_every_interval(caplog):
+    caplog.set_level("INFO", logger="dgc.training.logger")
+    bar = Progress(enabled=True, interval_s=1e-9, tty=False)
+    bar.start("epoch 1/3", total=4)
+    bar.update(loss="2.3000")
+    bar.update()
+    bar.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["epoch 1/3: step 1/4 | loss 2.3000", "epoch 1/3: step 2/4 | loss 2.3000"]
+    slow = Progress(enabled=True, interval_s=3600, tty=False)
+    slow.start("epoch 1/3", total=4)
+    slow.update()
+    assert len(caplog.records) == 2  # not yet an interval since the start
+    off = Progress(enabled=False, tty=False)
+    off.start("epoch 1/3", total=4)
+    off.update()
+    assert len(caplog.records) == 2
+    with pytest.raises(ValueError, match="logger.progress_interval_s"):
+        MetricsLogger(progress_interval_s=0)
+
+
+def test_the_ddp_runtime_is_a_runtime():
+    runtime = DDPRuntime()
+    assert isinstance(runtime, Runtime)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    runtime.synchronize(opt)  # nothing to wait for: DDP averaged during backward()
+    with runtime.skip_synchronize(opt):
+        opt.step()
+
+
+def test_banner_is_one_line_naming_what_runs():
+    line = format_banner(RunDescription(
+        model="CNN", parameters=421642, data="mnist-5k", train_samples=4000, test_samples=1000,
+        compression="DGC: density 0.001", world_size=2, backend="gloo", device="cpu",
+        precision="fp16", compiled=True, epochs=5, steps_per_epoch=62, batch_size=32,
+        config_file="outputs/x/config.yaml"))
+    assert "\n" not in line
+    for part in ("CNN (421,642 parameters)", "mnist-5k", "2 ranks (gloo, cpu)", "fp16",
+                 "compiled", "DGC: density 0.001", "outputs/x/config.yaml"):
+        assert part in line, part

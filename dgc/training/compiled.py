@@ -12,9 +12,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from torch._dynamo.exc import BackendCompilerFailed
 
 __all__ = ["CompileError", "check_compile", "compile_model", "explain"]
 
@@ -44,9 +48,10 @@ def compile_model(model: nn.Module, backend: str) -> nn.Module:
     return torch.compile(model, backend=backend)
 
 
-def explain(error: Exception, backend: str) -> CompileError:
+def explain(error: BackendCompilerFailed, backend: str) -> CompileError:
     """A compile failure, as an error that names the setting and the ways out."""
+    cause = error.inner_exception
+    first = (str(cause).strip().splitlines() or [""])[0]
     return CompileError(f"train.compile=true: torch.compile(backend={backend!r}) failed: "
-                        f"{str(error).strip().splitlines()[0] if str(error).strip() else error!r}. "
-                        "Set train.compile_backend=aot_eager (no code generation) or "
-                        "train.compile=false.")
+                        f"{type(cause).__name__}: {first}. Set train.compile_backend=aot_eager "
+                        "(no code generation) or train.compile=false.")
