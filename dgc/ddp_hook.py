@@ -43,11 +43,12 @@ def ddp_comm_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Fut
     session = DDPSession.of(state)
     buffer = bucket.buffer()
     # Step I
-    layout = state.codec.layout(tuple(state.name_of(p) for p in bucket.parameters()))
+    names = tuple(state.name_of(p) for p in bucket.parameters())
     if not state.agreed:  # first call, or after a load: one small collective
-        check_agreement(fingerprint(state, layout.names), _gather_objects(state.process_group))
+        check_agreement(fingerprint(state, names), _gather_objects(state.process_group))
         state.agreed = True
-    session.settle(layout)  # its buffers and residuals are reused below
+    session.begin(state, names, buffer)  # previous call of this bucket over; micro-batches replayed
+    layout = state.codec.layout(names)
     ledger = session.ledger(state.step)
     ledger.launch(last=bucket.is_last())  # before the collective: its callback may run at once
     # Step II
@@ -66,6 +67,8 @@ def ddp_comm_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Fut
     def finish(fut: torch.futures.Future[list[Tensor]]) -> Tensor:
         fut.wait()
         failed = state.codec.decode(send, received)
+        if not failed:
+            session.micro.after_decode(state, names, buffer)
         ledger.settle(failed=failed, commit=functools.partial(send.commit, state),
                       undo=functools.partial(send.undo, state))
         return buffer

@@ -23,10 +23,10 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from .accumulation import MicroBatches
 from .codec import Send, SentPart
 from .ledger import StepLedger
 from .state import DGCState
-from .wire import BucketLayout
 
 __all__ = ["DDPSession"]
 
@@ -41,6 +41,8 @@ class DDPSession:
         self._sent: dict[str, SentPart] = {}
         self._optimizer_hook: Any = None
         self._step_flights: list[tuple[Send, torch.futures.Future[Any]]] = []
+        self.micro = MicroBatches()
+        """Synchronized micro-batches (gradient accumulation without ``no_sync()``)."""
         _looking.add(self)
         _watch_optimizers()
 
@@ -56,14 +58,25 @@ class DDPSession:
         return self._state()
 
     # ------------------------------------------------------------------ buckets in flight
-    def settle(self, layout: BucketLayout) -> None:
+    def begin(self, state: DGCState, names: tuple[str, ...], buffer: Tensor) -> None:
+        """A bucket's hook call starts: its previous communication is over, and a micro-batch of the
+        same optimizer step is replayed (:mod:`dgc.accumulation`)."""
+        self.settle(names)
+        self.micro.before_encode(state, names, buffer)
+
+    def optimizer_stepped(self) -> None:
+        """The user's optimizer applies the step (from its step pre-hook, or by hand)."""
+        self.micro.optimizer_known = True
+        self.micro.optimizer_stepped()
+
+    def settle(self, names: tuple[str, ...]) -> None:
         """Wait until the previous step's communication of this bucket has finished.
 
         Normally it has (DDP waits for every bucket's future before the next backward), but when one
         bucket's callback raised, DDP stops waiting at that bucket and the others' callbacks may still be
         running, restoring residuals, when the user catches the error and starts the next backward.
         Their errors were already raised."""
-        fut = self._inflight.pop(layout.names, None)
+        fut = self._inflight.pop(names, None)
         if fut is not None:
             try:
                 fut.wait()
@@ -95,6 +108,7 @@ class DDPSession:
         optimizer step that runs anyway changes nothing)."""
         state = self.state
         self.forget_sent()
+        self.micro.forget()
         for send, _ in self._step_flights:
             send.buffer.fill_(fill)
             for name in send.layout.names:
@@ -144,8 +158,10 @@ class DDPSession:
             session = ref()
             if session is not None:
                 session.reclaim_unapplied(_params_of(opt))
+                session.optimizer_stepped()
 
         self._optimizer_hook = optimizer.register_step_pre_hook(before_step)
+        self.micro.optimizer_known = True
         _looking.discard(self)
 
     def owns_any(self, optimizer: torch.optim.Optimizer) -> bool:
@@ -183,6 +199,7 @@ def _find_optimizer(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) ->
     for session in list(_looking):
         if session.owns_any(optimizer):
             session.reclaim_unapplied(_params_of(optimizer))  # this step too
+            session.optimizer_stepped()
             session.attach_optimizer(optimizer)
     if not _looking and _global_hook is not None:
         _global_hook.remove()

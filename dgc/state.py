@@ -274,6 +274,12 @@ class DGCState:
         else:
             v.index_add_(0, indices.long(), sent.float())
 
+    def optimizer_stepped(self) -> None:
+        """Tell the DDP hook that the parameters were updated, for loops that apply ``p.grad`` by hand
+        instead of with a ``torch.optim`` optimizer (one passed to ``dgc.register`` tells it itself)."""
+        if self.transport is not None:
+            self.transport.optimizer_stepped()
+
     def end_step(self, failed: bool = False) -> None:
         """Close the communication step: publish its stats, advance the density schedule.  A ``failed``
         step (a non-finite gradient somewhere: nothing applied) is not counted: it will be retried."""

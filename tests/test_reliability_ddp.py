@@ -1,0 +1,62 @@
+"""Misuse and faults on the DDP hook (2 gloo ranks): synchronized micro-batches, ranks that disagree,
+a NaN on one rank."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _dist import run_distributed
+from reliability_workers import (
+    accumulation,
+    accumulation_unknown_optimizer,
+    mismatch,
+    nan_on_one_rank,
+)
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def test_synchronized_micro_batches_equal_ddp_sgd_momentum_when_dense() -> None:
+    # Every step dense (dense_steps > steps): DGC is momentum SGD; it used to diverge (9.5 -> 2.4e9).
+    results = run_distributed(accumulation, 2, dict(momentum=0.9, dense_steps=100), timeout=150)
+    for r in results:
+        assert r["synchronized_step"] == 5  # optimizer steps, not hook calls
+        for n, p in r["sgd"].items():
+            torch.testing.assert_close(r["synchronized"][n], p, rtol=1e-5, atol=1e-6)
+
+
+def test_synchronized_micro_batches_equal_no_sync_when_sparse() -> None:
+    cfg = dict(density=0.05, momentum=0.9, min_compress_numel=16, dense_steps=1)
+    results = run_distributed(accumulation, 2, cfg, timeout=150)
+    for r in results:
+        assert r["synchronized_step"] == r["no_sync_step"] == 5
+        for n, p in r["no_sync"].items():
+            torch.testing.assert_close(r["synchronized"][n], p, rtol=1e-5, atol=1e-6)
+    for n, p in results[0]["synchronized"].items():
+        assert torch.equal(p, results[1]["synchronized"][n])
+
+
+def test_accumulation_before_the_optimizer_is_known_is_refused() -> None:
+    for msg in run_distributed(accumulation_unknown_optimizer, 2, timeout=120):
+        assert "no_sync()" in msg and "dgc.register" in msg
+
+
+@pytest.mark.parametrize(
+    ("field", "values"),
+    [("density", [0.001, 0.01]), ("momentum", [0.9, 0.0]), ("dense_steps", [2, 3]),
+     ("value_dtype", ["float32", "float16"]), ("min_compress_numel", [16, 1024])],
+)
+def test_ranks_with_different_configs_fail_fast_naming_the_field(field: str, values: list) -> None:
+    for msg in run_distributed(mismatch, 2, field, values, timeout=60):
+        assert msg.startswith("RankMismatchError"), msg
+        assert f"DGCConfig.{field}" in msg and repr(values[0]) in msg and repr(values[1]) in msg
+
+
+def test_nan_on_one_rank_raises_everywhere_and_keeps_ranks_identical() -> None:
+    results = run_distributed(nan_on_one_rank, 2, timeout=120)
+    for r in results:
+        assert r["errors"] == [(2, "NonFiniteGradientError")]
+        assert r["steps"] == [1, 2, 2]  # the failed step is not counted
+        assert all(torch.equal(g, torch.zeros_like(g)) for g in r["grads"].values())
+    for n, p in results[0]["params"].items():
+        assert torch.equal(p, results[1]["params"][n]) and torch.isfinite(p).all()
