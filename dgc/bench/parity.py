@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shlex
 import subprocess
@@ -30,6 +31,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger("dgc.bench")
 
 __all__ = ["METHODS", "ROOT", "TASKS", "TRAIN", "Task", "command", "main", "plots", "records",
            "run", "table"]
@@ -180,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-only", action="store_true", help="only rebuild table and plots")
     p.add_argument("overrides", nargs="*", help="extra train.py overrides for every run")
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     tasks = [TASKS[t] for t in args.tasks.split(",")]
     methods = args.methods.split(",")
     for m in methods:
@@ -200,13 +204,13 @@ def main(argv: list[str] | None = None) -> int:
             commands.append(shlex.join(["torchrun", *cmd[3:]]).replace(str(out), "$OUT"))
             if args.report_only:
                 continue
-            print(f"[parity] {task.name}/{method}: {shlex.join(cmd[3:])}", flush=True)
+            log.info(f"[parity] {task.name}/{method}: {shlex.join(cmd[3:])}")
             walls[(task.name, method)] = run(cmd, run_dir / "console.log", args.timeout)
             walls_path.write_text(json.dumps({"/".join(k): v for k, v in walls.items()}))
             summary = next(r for r in records(run_dir) if r["event"] == "summary")
-            print(f"[parity]   test {task.metric} {summary[f'test_{task.metric}']:.3f}, "
-                  f"{summary['compression_ratio']:.0f}x over the run, "
-                  f"{walls[(task.name, method)]:.0f} s", flush=True)
+            log.info(f"[parity]   test {task.metric} {summary[f'test_{task.metric}']:.3f}, "
+                     f"{summary['compression_ratio']:.0f}x over the run, "
+                     f"{walls[(task.name, method)]:.0f} s")
     md = table(out, tasks, methods, args.ranks, walls)
     pngs = [p for task in tasks for p in plots(out, task, methods)]
     total = sum(walls.values())
@@ -218,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         "Plots: " + ", ".join(p.name for p in pngs), "",
     ])
     (out / "parity.md").write_text(text)
-    print(text)
+    log.info("%s", text)
     return 0
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shlex
 import statistics
 import sys
@@ -34,6 +35,8 @@ import time
 from pathlib import Path
 
 from dgc.bench.parity import ROOT, TRAIN, records, run
+
+log = logging.getLogger("dgc.bench")
 
 __all__ = ["METHODS", "collect", "command", "main", "markdown", "summarize"]
 
@@ -150,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="do not rerun a run whose folder has a summary record already")
     p.add_argument("overrides", nargs="*", help="extra train.py overrides for every run")
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     out, runs = args.out.resolve(), args.runs.resolve()
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[int, dict]] = {m: {} for m in args.methods}
@@ -167,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             commands.append(shlex.join(["torchrun", *cmd[3:]]).replace(str(runs), "$RUNS")
                             .replace(f"{ROOT}/", ""))
             if not args.report_only and not (args.keep_done and collect(run_dir)):
-                print(f"[prune_dgc_mnist] {method} seed {seed}: {shlex.join(cmd[3:])}", flush=True)
+                log.info(f"[prune_dgc_mnist] {method} seed {seed}: {shlex.join(cmd[3:])}")
                 t0 = time.perf_counter()
                 try:
                     run(cmd, run_dir / "console.log", args.timeout)
@@ -175,17 +179,17 @@ def main(argv: list[str] | None = None) -> int:
                     if collect(run_dir) is None:
                         raise
                     # Trained and evaluated; a process failed at exit (teardown): keep it, say so.
-                    print(f"[prune_dgc_mnist]   exited with an error after its summary record; "
-                          f"kept: {str(e).splitlines()[0]}", flush=True)
+                    log.info(f"[prune_dgc_mnist]   exited with an error after its summary "
+                             f"record; kept: {str(e).splitlines()[0]}")
                     exit_errors[f"{method}/{seed}"] = str(e).splitlines()[0]
                 walls[f"{method}/{seed}"] = time.perf_counter() - t0
             got = collect(run_dir)
             if got is not None:
                 results[method][seed] = got
-                print(f"[prune_dgc_mnist]   test accuracy {got['test_accuracy']:.2f}%"
-                      + (f", weight sparsity over pruned layers "
-                         f"{100 * got['weight_sparsity_pruned_layers']:.2f}%"
-                         if "weight_sparsity_pruned_layers" in got else ""), flush=True)
+                log.info(f"[prune_dgc_mnist]   test accuracy {got['test_accuracy']:.2f}%"
+                         + (f", weight sparsity over pruned layers "
+                            f"{100 * got['weight_sparsity_pruned_layers']:.2f}%"
+                            if "weight_sparsity_pruned_layers" in got else ""))
     stats = summarize(results, args.seeds)
     data = {"ranks": args.ranks, "seeds": args.seeds, "overrides": args.overrides,
             "methods": {m: METHODS[m][1] for m in args.methods},
@@ -198,9 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps(data, indent=2) + "\n")
     md = markdown(results, args.seeds, stats, commands, args.ranks, exit_errors)
     (out / "results.md").write_text(md)
-    print(md)
+    log.info("%s", md)
     if not args.report_only:
-        print(f"[prune_dgc_mnist] {(time.perf_counter() - t_all) / 60:.1f} min in all", flush=True)
+        log.info(f"[prune_dgc_mnist] {(time.perf_counter() - t_all) / 60:.1f} min in all")
     return 0
 
 

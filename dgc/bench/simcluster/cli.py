@@ -164,14 +164,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = _config(args)
     except (ValueError, TypeError) as e:
-        print(f"simcluster: {e}", file=sys.stderr)
+        log.error("%s", e)
         return 2
     try:
         with handle_signals():
             problems = check_environment()
             if problems:
-                print("simcluster: cannot simulate a cluster here:", file=sys.stderr)
-                print("\n".join(f"  {problem}" for problem in problems), file=sys.stderr)
+                log.error("cannot simulate a cluster here:\n%s",
+                          "\n".join(f"  {problem}" for problem in problems))
                 return 2
             if args.cleanup_stale:
                 _cleanup(args.prefix)
@@ -179,8 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     return 0
             return _run(config, command, args)
     except SimClusterError as e:
-        print(f"simcluster: {e}", file=sys.stderr)
+        log.error("%s", e)
         return 3
     except Interrupted as e:
-        print(f"simcluster: interrupted by {e}; cleaned up", file=sys.stderr)
+        log.error("interrupted by %s; cleaned up", e)
         return 128 + e.signum

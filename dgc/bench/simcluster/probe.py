@@ -183,12 +183,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``server|client HOST PORT SECONDS``: run one end, print its figures as JSON."""
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 4 or args[0] not in ("server", "client"):
-        print("usage: python -m dgc.bench.simcluster.probe server|client HOST PORT SECONDS",
-              file=sys.stderr)
+        sys.stderr.write("usage: python -m dgc.bench.simcluster.probe server|client HOST PORT "
+                         "SECONDS\n")
         return 2
     role, host, port, duration = args[0], args[1], int(args[2]), float(args[3])
     result = receive(host, port, duration) if role == "server" else send(host, port, duration)
-    print(json.dumps(result), flush=True)
+    sys.stdout.write(json.dumps(result) + "\n")  # the result, read by measure_link
+    sys.stdout.flush()
     return 0
 
 
