@@ -12,7 +12,8 @@
 Options: +compress=dgc|topk|fp16|powersgd, model=cnn|char_lstm|resnet,
 data=mnist|digits|stdlib_text|synthetic, optim=sgd|adam, scheduler=cosine|constant,
 logger=jsonl|wandb, dist=ddp|horovod, +prune=..., +act=..., train.max_steps=N,
-train.resume=PATH.  See docs/training.md; `--cfg job` prints the composed config.
+train.precision=32|bf16|fp16, train.compile=true, train.resume=PATH.  See docs/training.md.
+A run writes its resolved config to <run folder>/config.yaml; `--cfg job` prints it without training.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import warnings
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from typing import Any
@@ -88,6 +89,9 @@ class Precision:
             self.scaler = torch.amp.GradScaler(
                 device.type, init_scale=float(settings.loss_scale),
                 growth_interval=settings.loss_scale_growth_interval)
+            # A skipped first step is GradScaler doing its job, not a misordered LR schedule.
+            warnings.filterwarnings("ignore", category=UserWarning,
+                                    message=r"Detected call of `lr_scheduler\.step\(\)` before")
         self._inv_scale = 1.0
         self.skipped_steps = 0
         """Steps the loss scaler skipped (their gradients overflowed)."""
@@ -125,7 +129,7 @@ class Precision:
         self.scaler.scale(loss).backward()
 
     def step(self, optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter],
-             runtime: Runtime, grad_clip: float | None) -> bool:
+             runtime: Runtime, *, grad_clip: float | None) -> bool:
         """The optimizer step, with optional clipping of the averaged gradient (to ``grad_clip``)
         and, under fp16, GradScaler's check.  Returns False if the step was skipped."""
         params = list(params)

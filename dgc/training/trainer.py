@@ -325,7 +325,7 @@ class Trainer:
             loss = F.cross_entropy(logits.flatten(0, -2), y.flatten())
         self.precision.backward(loss)  # SYNC: DDP averages the gradients here, via the comm hook
         self.precision.step(self.optimizer, self.model.parameters(), self.runtime,
-                            self.settings.grad_clip)  # SYNC (Horovod: its allreduces finish here)
+                            grad_clip=self.settings.grad_clip)  # SYNC (Horovod: allreduces end here)
         self.scheduler.step()
         self.pos.step += 1
         self.pos.batch += 1
@@ -402,8 +402,9 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """SYNC: the test split, under the training's autocast."""
         with self.precision.autocast():
-            return evaluate(self.model, self.test_split, self.settings.eval_batch_size,
-                            self.runtime, self.ctx, self.data.language_model)
+            return evaluate(self.model, self.test_split, batch_size=self.settings.eval_batch_size,
+                            runtime=self.runtime, ctx=self.ctx,
+                            language_model=self.data.language_model)
 
     # ------------------------------------------------------------------ the end
     def finish(self) -> dict[str, Any]:
@@ -450,8 +451,8 @@ class Trainer:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, batch_size: int, runtime: Runtime, ctx: DistContext,
-             language_model: bool) -> dict[str, float]:
+def evaluate(model: nn.Module, split: Split, *, batch_size: int, runtime: Runtime,
+             ctx: DistContext, language_model: bool) -> dict[str, float]:
     """Loss, accuracy (and perplexity) on ``split``; each rank takes every world_size-th sample,
     so every sample counts exactly once.  ``model`` is the unwrapped module: DDP's forward could
     start collectives, and the ranks run different numbers of evaluation batches."""
