@@ -12,18 +12,15 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import compressor
+from .checkpoint_layout import STATE_META, checked_entries, layout_of
 from .codec import MAX_INDEX, Codec
 from .compressor import CompressedTensor, TensorMemory
 from .config import DGCConfig
 from .stats import CompressionStats
 
-__all__ = ["DGCState"]
+__all__ = ["STATE_META", "DGCState"]
 
 log = logging.getLogger(__name__)
-
-
-STATE_META = ("step", "world_size", "rank", "config")
-"""Keys of :meth:`DGCState.state_dict` that are not parameter names."""
 
 
 class DGCState:
@@ -353,24 +350,12 @@ class DGCState:
         """Per parameter name, ``{"momentum": u, "residual": v, "mask": m}`` (parameter-shaped; u and v
         float32, u None when m = 0, mask None unless pruning set one), plus :data:`STATE_META` keys:
         ``step``, ``world_size``, ``rank`` and ``config`` (a dict).  Loadable with
-        ``torch.load(weights_only=True)``.  Each rank saves its own: residuals differ between ranks.
+        ``torch.load(weights_only=True)``.  Each rank saves its own: residuals differ between ranks
+        (:func:`dgc.reshard_state_dicts` turns N ranks' states into M).
 
         >>> sd = state.state_dict(); sd["fc.weight"]["residual"].shape, sd["step"]
         """
-        clash = sorted(set(self.memory) & set(STATE_META))
-        if clash:
-            raise ValueError(
-                f"DGC state: parameter name(s) {clash} collide with the state_dict's own keys "
-                f"{sorted(STATE_META)}: rename the module attribute."
-            )
-        out: dict[str, Any] = {
-            name: {
-                "momentum": None if m.momentum is None else m.momentum.view(m.shape).clone(),
-                "residual": m.residual.view(m.shape).clone(),
-                "mask": None if m.mask is None else m.mask.view(m.shape).clone(),
-            }
-            for name, m in self.memory.items()
-        }
+        out = layout_of(self.memory)
         out.update(step=self.step, world_size=self.world_size, rank=self.rank, config=self.config.to_dict())
         return out
 
@@ -378,42 +363,7 @@ class DGCState:
         """Restore :meth:`state_dict` exactly; raises ``ValueError`` naming any mismatch (parameter
         names or shapes, world size, rank, momentum on/off).  Also reads the layout of dgc <= 0.1, whose
         per-parameter entries sat under a ``"params"`` key."""
-        missing_meta = sorted(k for k in ("step", "world_size", "rank") if k not in state)
-        if missing_meta:
-            raise ValueError(
-                f"not a DGC state_dict: the keys {missing_meta} are missing (expected DGCState.state_dict())."
-            )
-        ws, rank = int(state["world_size"]), int(state["rank"])
-        if ws != self.world_size:
-            raise ValueError(
-                f"DGC state was saved with world size {ws}, this run has {self.world_size}: the "
-                "residuals are per worker and cannot be redistributed. Resume with the same world size."
-            )
-        if rank != self.rank:
-            raise ValueError(
-                f"DGC state of rank {rank} loaded on rank {self.rank}: load each rank's own state."
-            )
-        legacy = "params" in state and "params" not in self.memory and isinstance(state["params"], Mapping)
-        saved = state["params"] if legacy else {k: v for k, v in state.items() if k not in STATE_META}
-        if set(saved) != set(self.memory):
-            extra, missing = sorted(set(saved) - set(self.memory)), sorted(set(self.memory) - set(saved))
-            raise ValueError(
-                f"DGC state parameter names differ from the model's: in the checkpoint only "
-                f"{extra[:5]}, in the model only {missing[:5]}."
-            )
-        for name, entry in saved.items():
-            mem = self.memory[name]
-            if tuple(entry["residual"].shape) != tuple(mem.shape):
-                raise ValueError(
-                    f"DGC state for {name!r} has shape {tuple(entry['residual'].shape)}, "
-                    f"the model's parameter has {tuple(mem.shape)}."
-                )
-            if (entry["momentum"] is None) != (mem.momentum is None):
-                raise ValueError(
-                    f"DGC state for {name!r} was saved with momentum "
-                    f"{'off' if entry['momentum'] is None else 'on'}, this config has momentum="
-                    f"{self.config.momentum}."
-                )
+        saved = checked_entries(state, self.memory, self.world_size, self.rank, self.config.momentum)
         for name, entry in saved.items():
             mem = self.memory[name]
             mem.residual.copy_(entry["residual"].reshape(-1))

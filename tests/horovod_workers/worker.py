@@ -138,9 +138,9 @@ def in_flight(opt: torch.optim.Optimizer) -> dict[str, list[str]]:
     kinds: dict[str, list[str]] = {"allgather": [], "allreduce": [], "grouped": [], "other": []}
     for p, entry in opt._handles.items():
         name = opt._names[p]
-        if isinstance(entry, dgc.horovod._Flight) and isinstance(entry.handle, int):
+        if isinstance(entry, dgc.horovod_optimizer._Flight) and isinstance(entry.handle, int):
             kinds[entry.kind].append(name)
-        elif entry == dgc.horovod._GROUPED:
+        elif entry == dgc.horovod_optimizer._GROUPED:
             kinds["grouped"].append(name)
         else:
             kinds["other"].append(name)
