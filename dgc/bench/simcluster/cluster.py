@@ -18,9 +18,8 @@ import signal
 import subprocess
 from collections.abc import Callable, Sequence
 
-from . import probe
 from .capabilities import capabilities
-from .config import NODE_IFNAME, SimClusterConfig, node_addr, substitute_placeholders
+from .config import NODE_IFNAME, PROBE_PORT, SimClusterConfig, node_addr, substitute_placeholders
 from .errors import SimClusterError
 from .namespaces import (
     CMD_TIMEOUT_S,
@@ -253,7 +252,7 @@ class SimCluster:
 
     # -- measuring the link -------------------------------------------------------------------
     def measure_link(
-        self, src: int = 0, dst: int = 1, duration_s: float = 1.0, *, port: int = probe.PROBE_PORT
+        self, src: int = 0, dst: int = 1, duration_s: float = 1.0, *, port: int = PROBE_PORT
     ) -> LinkMeasurement:
         """Stream TCP from node ``src`` to node ``dst`` for ``duration_s``; measure rate and RTT.
 
@@ -266,6 +265,8 @@ class SimCluster:
             raise ValueError(
                 f"src={src}, dst={dst} must be two different ranks below nodes={self.config.nodes}"
             )
+        from . import probe  # not at import: `python -m dgc.bench.simcluster.probe` runs it
+
         return probe.measure_link(
             self._in_node, src, dst, node_addr(dst), duration_s, port=port, track=self._procs
         )
@@ -285,7 +286,9 @@ class SimCluster:
             format_rate(asked),
             m.rtt_s * 1e3,
         )
-        probe.check_measurement(
+        from .probe import check_measurement
+
+        check_measurement(
             m,
             asked_bit_s=asked,
             delay_s=self.delay_applied_s,

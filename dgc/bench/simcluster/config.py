@@ -11,6 +11,7 @@ __all__ = [
     "MAX_NODES",
     "NODE_IFNAME",
     "PLACEHOLDERS",
+    "PROBE_PORT",
     "SUBNET_PREFIX",
     "SimClusterConfig",
     "node_addr",
@@ -25,6 +26,9 @@ MAX_NODES = 250
 NODE_IFNAME = "eth0"
 #: Placeholders that :func:`substitute_placeholders` fills; any other ``{...}`` is left as it is.
 PLACEHOLDERS = ("node_rank", "nnodes", "master_addr", "master_port", "node_addr")
+
+#: Default TCP port of the link probe.
+PROBE_PORT = 5201
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,15}$")
 

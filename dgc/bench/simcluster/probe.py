@@ -21,14 +21,13 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+from .config import PROBE_PORT
 from .errors import SimClusterError
 from .rates import format_rate
 from .results import LinkMeasurement
 
 __all__ = ["PROBE_PORT", "check_measurement", "main", "measure_link", "receive", "send"]
 
-#: Default TCP port of the probe.
-PROBE_PORT = 5201
 _PINGS = 50
 _CHUNK = 1 << 20
 
