@@ -29,11 +29,12 @@ def topk_select(
     offset: int | None = None,
     backend: Backend = "auto",
 ) -> Selection:
-    """Exactly ``k`` entries of largest ``|x|`` (ties broken arbitrarily), found with a sampled threshold.
+    """Exactly ``k`` entries of largest ``|x|`` (ties go to the lowest index), found with a sampled
+    threshold.
 
     The threshold comes from a strided sample of ``sample_ratio`` of the entries starting at a random
-    ``offset``; while fewer than ``k`` entries pass it, it is lowered by 0.8, at most 10 times (SPEC 2.4),
-    then an exact threshold is used.  Since the candidates passing the threshold always include the top-k,
+    ``offset``; while fewer than ``k`` entries pass it, it is lowered by 0.8, at most 10 times
+    (docs/algorithm.md#selection), then an exact threshold is used.  Since the candidates passing the threshold always include the top-k,
     the result is the exact top-k; ``sample_ratio=1`` skips the sample.
     """
     if not 0.0 < sample_ratio <= 1.0:

@@ -2,7 +2,7 @@
 
 Every function here has a CuPy counterpart in :mod:`dgc.kernels.cupy_backend` with the same signature and
 the same semantics (see ``kernels/*.cu``).  The selection is *exact*: whatever threshold the sample gives,
-the result is the set of the ``k`` entries of largest magnitude (ties broken arbitrarily), because the
+the result is the set of the ``k`` entries of largest magnitude (ties to the lowest index), because the
 threshold is only ever used to find a candidate set that provably contains that set.
 
 How the selection is fast on a CPU
@@ -74,7 +74,7 @@ below ATen's parallel grain (32768 elements), so each operation runs serially in
 
 THRESHOLD_DECAY = 0.8
 """Factor applied to the sampled threshold when fewer than k entries pass it (official code; see
-[docs/algorithm.md](../docs/algorithm.md#selection))."""
+docs/algorithm.md#selection)."""
 
 MAX_THRESHOLD_RETRIES = 10
 """How many times the sampled threshold may be lowered before the exact threshold takes over."""
@@ -91,6 +91,9 @@ _T = TypeVar("_T")
 
 # ------------------------------------------------------------------------------------------ chunked passes
 _POOL: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): a forked child makes its own
+# Exit: concurrent.futures joins the idle workers at interpreter shutdown, before atexit handlers run and
+# before torch finalizes process groups, so nothing of this pool outlives them; with one thread (torchrun
+# sets OMP_NUM_THREADS=1) the pool is never created.
 _POOL_LOCK = threading.Lock()
 _POOL_PREFIX = "dgc-twin"
 
@@ -219,7 +222,7 @@ def exact_threshold(block_max: Tensor, k: int) -> float:
 
 def sampled_threshold(x: Tensor, k: int, sample_ratio: float, offset: int) -> float:
     """Threshold estimated from a strided sample of ``|x|`` (official DGC defaults; see
-    [docs/algorithm.md](../docs/algorithm.md#selection)).
+    docs/algorithm.md#selection).
 
     The sample takes every ``stride = round(1/sample_ratio)``-th entry from ``offset % stride``, and the
     threshold is the magnitude that keeps ``ceil(k * 1.1 * samples / numel)`` of the sampled entries.
@@ -430,7 +433,7 @@ def select_topk(
 
     ``sample_ratio == 1`` takes the exact block-maximum threshold; below 1 a sampled threshold is tried
     first and lowered by :data:`THRESHOLD_DECAY` (at most :data:`MAX_THRESHOLD_RETRIES` times) while fewer
-    than ``k`` entries pass (see [docs/algorithm.md](../docs/algorithm.md#selection)); the block threshold
+    than ``k`` entries pass (see docs/algorithm.md#selection); the block threshold
     is the fallback, and a full ``torch.topk`` when ``k`` exceeds the number of blocks.  Either way the
     result is the exact top-k set, ties at the k-th magnitude going to the lowest indices (the oracle:
     :func:`dgc.kernels.plain.topk_reference`).  ``k`` must not exceed the number of unmasked entries.

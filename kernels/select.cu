@@ -1,7 +1,7 @@
 // Selection kernels: block maxima of |x|, then count-and-compact of the entries with |x| >= thr.
 //
 // The threshold lives in device memory (`thr` points to one float) so that the host can lower it
-// (x0.8, SPEC 2.4) without a round trip.  A block whose maximum is below thr is never read: with a
+// (x0.8, docs/algorithm.md#selection) without a round trip.  A block whose maximum is below thr is never read: with a
 // density of 0.1% only ~7% of the blocks of a Gaussian-like tensor are.  Counting and compaction run
 // the same predicate, so the compaction's write positions (from an inclusive prefix sum of the
 // per-block counts) are exact and the output is in ascending index order.

@@ -56,7 +56,7 @@ def test_heavy_ties_and_zeros():
 
 
 def test_sample_that_overestimates_threshold_still_gives_k():
-    # Most mass in one region the strided sample misses: the threshold must be lowered (SPEC 2.4).
+    # Most mass in one region the strided sample misses: the threshold must be lowered (docs/algorithm.md#selection).
     x = torch.full((100_000,), 1e-3)
     x[1::100] = 5.0  # every sampled position (offset 0, stride 100) is small...
     x[0::100] = 10.0  # ...except these
