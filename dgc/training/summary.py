@@ -95,8 +95,8 @@ def format_summary(record: dict[str, Any]) -> str:
             f"{100 * record['last_step_density']:.4g}%"
         )
     if record.get("skipped_steps"):
-        lines.append(f"loss scale   {record['loss_scale']:g} at the end; {record['skipped_steps']} "
-                     "steps skipped (gradients overflowed in float16)")
+        lines.append(f"loss scale   {record['loss_scale']:g} at the end; skipped steps (float16 "
+                     f"overflow, not applied): {record['skipped_steps']}")
     lines += [
         f"output       {record['out_dir']}",
     ]
