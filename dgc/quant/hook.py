@@ -35,7 +35,8 @@ __all__ = ["quant_hook"]
 def quant_hook(state: QuantState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
     """Average ``bucket`` across workers with quantized messages; returns a Future of the buffer."""
     buffer = bucket.buffer()
-    layout = state.layout(bucket.parameters())
+    params = bucket.parameters()
+    layout = state.layout(params)
     plan = ExchangePlan.of(buffer.numel(), state.world_size, state.quantizer)
     corrected = state.corrected(layout, plan, buffer)
     finite = state.finite(buffer)
@@ -46,7 +47,7 @@ def quant_hook(state: QuantState, bucket: dist.GradBucket) -> torch.futures.Futu
         fut = _done(buffer)
     else:
         fut = _exchange(state, bucket.index(), layout, plan, buffer, corrected, finite)
-    state.track(buffer, fut)
+    state.track(buffer, params, fut)
     if bucket.is_last():
         _end_step(state, layout)
     return fut

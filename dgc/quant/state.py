@@ -81,7 +81,7 @@ class QuantState:
         self._pending = CompressionStats()
         self._pending_network = 0
         self._log: list[tuple[BucketLayout, Tensor]] = []
-        self._inflight: list[tuple[Tensor, torch.futures.Future]] = []
+        self._inflight: list[tuple[Tensor, list[Tensor], torch.futures.Future]] = []
         self.failed: list[int] | None = None
         """Ranks with a non-finite gradient in the current step (None: none so far)."""
 
@@ -149,15 +149,19 @@ class QuantState:
         if finite:
             self.store(layout, corrected)
 
-    def track(self, buffer: Tensor, fut: torch.futures.Future) -> None:
-        """A bucket of the current step and the future that fills it."""
-        self._inflight.append((buffer, fut))
+    def track(self, buffer: Tensor, params: list[Tensor], fut: torch.futures.Future) -> None:
+        """A bucket of the current step, its parameters and the future that fills it."""
+        self._inflight.append((buffer, params, fut))
 
     def fill_step(self, value: float) -> None:
-        """Wait for every bucket of the step, then set all their gradients to ``value``."""
-        for buffer, fut in self._inflight:
+        """Wait for every bucket of the step, then set its buffer and its parameters' gradients
+        to ``value`` (the same on every rank; DDP copies no buffer back when backward raises)."""
+        for buffer, params, fut in self._inflight:
             fut.wait()
             buffer.fill_(value)
+            for p in params:
+                if p.grad is not None:
+                    p.grad.fill_(value)
 
     def record(self, *, sent: int, received: int, network: int, dense: int, elements: int,
                elements_sent: int) -> None:
