@@ -117,6 +117,98 @@ def _setup(sc: Scenario, dtype: torch.dtype):
     return module, ddp, opt, state
 
 
+def _reload(sc: Scenario, dtype: torch.dtype, module: nn.Module, opt, state):
+    """Checkpoint everything through torch.save/load, rebuild from scratch and load it back."""
+    buf = io.BytesIO()
+    torch.save({"model": module.state_dict(), "opt": opt.state_dict(), "dgc": state.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    module, ddp, opt, state = _setup(sc, dtype)
+    module.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    state.load_state_dict(ckpt["dgc"])
+    return module, ddp, opt, state
+
+
+def _local_grads(sc: Scenario, module: nn.Module, ref: nn.Module, batches, wd: float) -> dict:
+    """This rank's local gradient, from an identical non-DDP copy."""
+    ref.load_state_dict(module.state_dict())
+    ref.zero_grad()
+    for x, y in batches:
+        nn.functional.mse_loss(ref(x), y).backward()
+    local = {n: p.grad.detach().float().clone() for n, p in ref.named_parameters() if p.grad is not None}
+    if sc.find_unused:
+        for n, p in ref.named_parameters():
+            local.setdefault(n, torch.zeros_like(p, dtype=torch.float32))
+    if wd:
+        for n, p in module.named_parameters():
+            local[n] += wd * p.detach().float()
+    return local
+
+
+def _backward(sc: Scenario, step: int, rank: int, module: nn.Module, ddp: DDP, batches) -> str | None:
+    """The micro-batches of one step through DDP (all but the last under no_sync()); a NaN where the
+    scenario puts one.  Returns the error backward() raised, if any."""
+    try:
+        for i, (x, y) in enumerate(batches):
+            if i < len(batches) - 1:
+                with ddp.no_sync():
+                    nn.functional.mse_loss(ddp(x), y).backward()
+                continue
+            poison = None
+            if sc.nan_at == (step, rank) and sc.nan_param is None:
+                x = x.clone()
+                x[0, 0] = float("nan")
+            elif sc.nan_at == (step, rank):
+                target = dict(module.named_parameters())[sc.nan_param]
+                poison = target.register_hook(lambda g: g * float("nan"))
+            try:
+                nn.functional.mse_loss(ddp(x), y).backward()
+            finally:
+                if poison is not None:
+                    poison.remove()
+    except Exception as exc:  # noqa: BLE001 - recorded and checked by the test
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+@dataclass(kw_only=True)
+class _Ledger:
+    """The invariant's running sums: everything corrected (u) and everything sent, per parameter."""
+
+    sum_u: dict
+    sum_sent: dict
+    max_err: float = 0.0
+
+
+def _check_invariant(sc: Scenario, step: int, rank: int, world: int, state, names, local, u_prev,
+                     grads, failed, book: _Ledger) -> None:
+    m, nesterov = state.config.momentum, state.config.nesterov
+    nan_here = set()
+    if sc.nan_at == (step, rank):  # the buckets with a non-finite gradient
+        nan_here = set(names) if sc.nan_param is None else {  # this step's buckets, not step 0's
+            n for group in state.codec.groups_at(state.stats.density)
+            if sc.nan_param in group for n in group
+        }
+    for n in names:
+        g = local[n]
+        if n in nan_here:  # a non-finite local gradient never enters the state
+            corrected = torch.zeros_like(g)
+        elif m:
+            corrected = m * (u_prev[n] + g) + g if nesterov else m * u_prev[n] + g
+        else:
+            corrected = g.clone()
+        dist.all_reduce(corrected)
+        book.sum_u[n] += corrected / world
+        if failed is None and n in grads:  # globally unused parameters get no gradient
+            book.sum_sent[n] += grads[n]
+        v = state.memory[n].residual.view(state.memory[n].shape).clone()
+        dist.all_reduce(v)
+        err = (book.sum_sent[n] + v / world - book.sum_u[n]).abs().max().item()
+        scale = book.sum_u[n].abs().max().item() + 1e-6
+        book.max_err = max(book.max_err, err / scale)
+
+
 def run_scenario(rank: int, world: int, sc: Scenario) -> dict:
     """Train ``sc.steps`` steps; check the conservation invariant at every step when asked.
 
@@ -127,97 +219,29 @@ def run_scenario(rank: int, world: int, sc: Scenario) -> dict:
     ref = copy.deepcopy(module)  # computes this rank's *local* gradient for the invariant
     gen = torch.Generator().manual_seed(1000 + rank)
     names = [n for n, _ in module.named_parameters()]
-    m = 0.0 if state is None else state.config.momentum
-    nesterov = False if state is None else state.config.nesterov
     wd = 0.0 if state is None else state.config.weight_decay
-    sum_u = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in module.named_parameters()}
-    sum_sent = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in module.named_parameters()}
-    max_err, errors, grads_log, stats = 0.0, [], [], []
+    book = _Ledger(sum_u={n: torch.zeros_like(p, dtype=torch.float32) for n, p in module.named_parameters()},
+                   sum_sent={n: torch.zeros_like(p, dtype=torch.float32) for n, p in module.named_parameters()})
+    errors, grads_log, stats = [], [], []
     for step in range(sc.steps):
         if sc.checkpoint_at is not None and step == sc.checkpoint_at:
-            buf = io.BytesIO()
-            torch.save(
-                {"model": module.state_dict(), "opt": opt.state_dict(), "dgc": state.state_dict()}, buf
-            )
-            buf.seek(0)
-            ckpt = torch.load(buf, weights_only=True)
-            module, ddp, opt, state = _setup(sc, dtype)
-            module.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["opt"])
-            state.load_state_dict(ckpt["dgc"])
+            module, ddp, opt, state = _reload(sc, dtype, module, opt, state)
         batches = [_batch(sc.model, gen, dtype) for _ in range(sc.accumulate)]
         if sc.extra_until is not None:
             module.use_extra = ref.use_extra = step < sc.extra_until
-        # This rank's local gradient, from an identical non-DDP copy.
-        ref.load_state_dict(module.state_dict())
-        ref.zero_grad()
-        for x, y in batches:
-            nn.functional.mse_loss(ref(x), y).backward()
-        local = {n: p.grad.detach().float().clone() for n, p in ref.named_parameters() if p.grad is not None}
-        if sc.find_unused:
-            for n, p in ref.named_parameters():
-                local.setdefault(n, torch.zeros_like(p, dtype=torch.float32))
-        if wd:
-            for n, p in module.named_parameters():
-                local[n] += wd * p.detach().float()
+        local = _local_grads(sc, module, ref, batches, wd)
         u_prev = {}
         if state is not None and state.memory[names[0]].momentum is not None:
             u_prev = {n: state.memory[n].momentum.view(state.memory[n].shape).clone() for n in names}
         opt.zero_grad()
-        failed = None
-        try:
-            for i, (x, y) in enumerate(batches):
-                if i < len(batches) - 1:
-                    with ddp.no_sync():
-                        nn.functional.mse_loss(ddp(x), y).backward()
-                    continue
-                poison = None
-                if sc.nan_at == (step, rank) and sc.nan_param is None:
-                    x = x.clone()
-                    x[0, 0] = float("nan")
-                elif sc.nan_at == (step, rank):
-                    target = dict(module.named_parameters())[sc.nan_param]
-                    poison = target.register_hook(lambda g: g * float("nan"))
-                try:
-                    nn.functional.mse_loss(ddp(x), y).backward()
-                finally:
-                    if poison is not None:
-                        poison.remove()
-        except Exception as exc:  # noqa: BLE001 - recorded and checked by the test
-            failed = f"{type(exc).__name__}: {exc}"
-        grads = {
-            n: p.grad.detach().float().clone()
-            for n, p in module.named_parameters()
-            if p.grad is not None
-        }
+        failed = _backward(sc, step, rank, module, ddp, batches)
+        grads = {n: p.grad.detach().float().clone() for n, p in module.named_parameters() if p.grad is not None}
         if failed is None and not all(bool(torch.isfinite(g).all()) for g in grads.values()):
             failed = "propagated"
         if failed is None:
             opt.step()  # before the check: it gives back what parameters without a gradient were sent
         if sc.check_invariant and state is not None:
-            nan_here = set()
-            if sc.nan_at == (step, rank):  # the buckets with a non-finite gradient
-                nan_here = set(names) if sc.nan_param is None else {  # this step's buckets, not step 0's
-                    n for names in state.codec.groups_at(state.stats.density)
-                    if sc.nan_param in names for n in names
-                }
-            for n in names:
-                g = local[n]
-                if n in nan_here:  # a non-finite local gradient never enters the state
-                    corrected = torch.zeros_like(g)
-                elif m:
-                    corrected = m * (u_prev[n] + g) + g if nesterov else m * u_prev[n] + g
-                else:
-                    corrected = g.clone()
-                dist.all_reduce(corrected)
-                sum_u[n] += corrected / world
-                if failed is None and n in grads:  # globally unused parameters get no gradient
-                    sum_sent[n] += grads[n]
-                v = state.memory[n].residual.view(state.memory[n].shape).clone()
-                dist.all_reduce(v)
-                err = (sum_sent[n] + v / world - sum_u[n]).abs().max().item()
-                scale = sum_u[n].abs().max().item() + 1e-6
-                max_err = max(max_err, err / scale)
+            _check_invariant(sc, step, rank, world, state, names, local, u_prev, grads, failed, book)
         grads_log.append(grads)
         if state is not None:
             stats.append(state.stats.to_dict())
@@ -228,7 +252,7 @@ def run_scenario(rank: int, world: int, sc: Scenario) -> dict:
     return {
         "params": {n: p.detach().float().clone() for n, p in module.named_parameters()},
         "grads": grads_log,
-        "max_rel_err": max_err,
+        "max_rel_err": book.max_err,
         "errors": errors,
         "stats": stats,
         "residual_finite": state is None
