@@ -3,8 +3,8 @@ the fused implementations are tested against.
 
 Lin et al., "Deep Gradient Compression", ICLR 2018, Algorithm 1 with momentum correction, local gradient
 clipping and momentum factor masking (the fourth technique, warm-up, only chooses ``k`` per step; see
-[docs/algorithm.md](../docs/algorithm.md#invariant) for the invariant and
-[docs/algorithm.md](../docs/algorithm.md#weight-decay) for step 0).  No chunking, no threads, no block
+docs/algorithm.md#invariant for the invariant and
+docs/algorithm.md#weight-decay for step 0).  No chunking, no threads, no block
 maxima, no sampled threshold: whole-tensor torch operations in the order of the algorithm.
 
 The fused twins (:func:`dgc.kernels.reference.compress_step`, the compiled CPU path of
