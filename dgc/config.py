@@ -105,6 +105,25 @@ class DGCConfig:
     log_every: int = 100
     """Rank 0 logs the compression statistics every this many communication steps (0 = off)."""
 
+    policy: Literal["sparse", "dense", "auto"] = "sparse"
+    """How each group (DDP bucket, Horovod tensor) travels once the dense steps are over.  "sparse":
+    DGC's allgather of top-k pairs (the paper).  "dense": momentum-corrected dense allreduce with the same
+    state (DGC's momentum and residual, nothing selected): a baseline and the fallback.  "auto": per
+    group, whichever a cost model predicts faster, from what the run measures (link bandwidth and latency
+    from the dense allreduces, the codec's time per group, world size, message sizes); decided on rank 0,
+    broadcast, re-decided every ``policy_interval`` steps and when the density changes, logged with the
+    predicted times.  Before anything is measured, "auto" sends dense (and says so).  See docs/policy.md."""
+
+    policy_interval: int = 100
+    """With ``policy="auto"``: communication steps between two decisions (>= 1)."""
+
+    hierarchy: Literal["flat", "node"] = "flat"
+    """"flat": every process exchanges messages with every other.  "node": gradients are first averaged
+    densely inside each node (fast links), then each process compresses its share of the tensors against
+    its peers in the other nodes, so inter-node traffic grows with the number of nodes, not processes.
+    Nodes come from torchrun's environment (``LOCAL_WORLD_SIZE``) or ``DGCState(..., node_groups=...)``.
+    DDP hook only; see docs/policy.md."""
+
     def __post_init__(self) -> None:
         self._check_types()
         _check(0.0 < self.density <= 1.0, "density", self.density, "0 < density <= 1 (0.001 = 99.9% sparsity)")
@@ -137,6 +156,9 @@ class DGCConfig:
         _check(self.nonfinite in ("raise", "propagate"), "nonfinite", self.nonfinite, "'raise' or 'propagate'")
         _check(_is_int(self.log_every) and self.log_every >= 0, "log_every", self.log_every, "an integer >= 0 (0 = off)")
         _check(self.backend in ("auto", "torch", "cupy"), "backend", self.backend, "'auto', 'torch' or 'cupy'")
+        _check(self.policy in ("sparse", "dense", "auto"), "policy", self.policy, "'sparse', 'dense' or 'auto'")
+        _check(_is_int(self.policy_interval) and self.policy_interval >= 1, "policy_interval", self.policy_interval, "an integer >= 1")
+        _check(self.hierarchy in ("flat", "node"), "hierarchy", self.hierarchy, "'flat' or 'node' (then pass node_groups or run under torchrun)")
 
     def _check_types(self) -> None:
         """Numbers must be numbers and flags must be bools, so that ``density="0.1"`` or ``nesterov="yes"``
