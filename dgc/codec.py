@@ -27,13 +27,16 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from .compressor import dense_scale
 from .wire import (
     FLAG_NONFINITE,
     BucketLayout,
     MessageView,
+    dequantize_int8,
     index_blocks,
     pack_pairs,
     unpack_positions,
+    wire_values,
 )
 
 if TYPE_CHECKING:
@@ -72,7 +75,8 @@ class Send:
     live: Tensor | None = None
     """Dense group with pruned tensors: the buffer positions of the payload."""
     positions: Tensor | None = None
-    """Sparse group: this worker's selected pairs, bucket positions (int32) and wire values."""
+    """Sparse group: this worker's selected pairs, bucket positions (int32) and values as sent (the wire
+    dtype's, or, int8, the dequantized float32 values), in selection order."""
     values: Tensor | None = None
     parts: list[SentPart] = field(default_factory=list)
     """Per tensor, what was sent (to give back what reached no parameter; see the DDP session)."""
@@ -120,35 +124,51 @@ class Codec:
         self._dense_positions.clear()
 
     # ------------------------------------------------------------------ layouts
-    def layout(self, names: tuple[str, ...]) -> BucketLayout:
-        """The wire layout of the group ``names`` at the current step (cached per step phase and density)."""
+    def layout(
+        self,
+        names: tuple[str, ...],
+        *,
+        sparse: bool | None = None,
+        offsets: tuple[int, ...] | None = None,
+        span: int | None = None,
+    ) -> BucketLayout:
+        """The wire layout of the group ``names`` at the current step (cached per step phase, density and
+        decision).  ``sparse``: force the policy's decision (None: ``state.policy`` decides).  ``offsets``
+        and ``span``: the tensors' places in a larger buffer of ``span`` elements (a shard of a bucket);
+        default: back to back."""
         state = self.state
-        key = (names, state.step >= state.config.dense_steps, state.density)
+        if sparse is None:
+            sparse = state.policy.sparse(names)
+        key = (names, state.step >= state.config.dense_steps, state.density, sparse, offsets, span)
         layout = self._layouts.get(key)
         if layout is None:
-            layout = self._layouts[key] = self._new_layout(names)
+            layout = self._layouts[key] = self._new_layout(names, sparse, offsets, span)
         return layout
 
-    def _new_layout(self, names: tuple[str, ...]) -> BucketLayout:
+    def _new_layout(
+        self, names: tuple[str, ...], sparse: bool, offsets: tuple[int, ...] | None, span: int | None
+    ) -> BucketLayout:
         state = self.state
         numels = tuple(state.memory[n].numel for n in names)
-        if sum(numels) > MAX_INDEX:
+        if offsets is None:
+            starts, total = [], 0
+            for n in numels:
+                starts.append(total)
+                total += n
+            offsets, span = tuple(starts), total
+        if span > MAX_INDEX:
             raise ValueError(
-                f"a gradient group holds {sum(numels)} elements; DGC positions are int32. "
+                f"a gradient group holds {span} elements; DGC positions are int32. "
                 "Use a smaller DDP bucket_cap_mb."
             )
-        offsets, total = [], 0
-        for n in numels:
-            offsets.append(total)
-            total += n
-        ks = tuple(state.k_for(n) for n in names)
+        ks = tuple(state.k_for(n) if sparse else 0 for n in names)
         return BucketLayout(
             names=names,
-            offsets=tuple(offsets),
+            offsets=offsets,
             numels=numels,
             ks=ks,
             wire_dtype=state.config.wire_dtype,
-            index_blocks=index_blocks(state.config.index_format, total, sum(ks)),
+            index_blocks=index_blocks(state.config.index_format, span, sum(ks)),
             # pruned coordinates never travel, on the dense path either
             dense_sizes=tuple(0 if k else state.memory[n].live for n, k in zip(names, ks, strict=True)),
         )
@@ -222,6 +242,9 @@ class Codec:
         mine = MessageView.of(ws["message"], layout)
         mine.flags.fill_(0 if finite else FLAG_NONFINITE)
         positions, values = ws["positions"], ws["values"]
+        # int8: the kernels select into float32 ("sent": afterwards what the receivers add), the codes
+        # go into ``values`` and each tensor's scale into the message.
+        sent = self.scratch(layout, buffer.device, "sent", layout.pairs, torch.float32) if layout.quantized else values
         if finite:
             pair, dense = 0, 0
             for i, (name, off, numel, k) in enumerate(
@@ -230,18 +253,23 @@ class Codec:
                 g = buffer[off : off + numel]
                 if k:
                     idx = positions[pair : pair + k]
-                    self.state.compress(name, g, out_indices=idx, out_values=values[pair : pair + k])
+                    c = self.state.compress(name, g, out_indices=idx, out_values=sent[pair : pair + k])
+                    if layout.quantized:
+                        values[pair : pair + k].copy_(c.values)
+                        mine.scales[i] = c.scale
                     idx.add_(off)  # positions in the group, so receivers need no tensor boundaries
                     pair += k
                 else:
                     size = layout.dense_size(i)  # a pruned tensor: its live entries only
                     self.state.compress_dense(name, g, out=mine.dense[dense : dense + size])
+                    if layout.quantized:
+                        mine.scales[i] = dense_scale(self.state.memory[name])
                     dense += size
             pack_pairs(layout, mine, positions, values)
         else:  # the others ignore this message; keep its size so nothing else changes
             ws["message"][4:].zero_()
         return Send(layout=layout, buffer=buffer, finite=finite, message=ws["message"],
-                    positions=positions, values=values)
+                    positions=positions, values=sent)
 
     def _note_parts(self, send: Send) -> None:
         layout = send.layout
@@ -259,8 +287,10 @@ class Codec:
                 pair += k
             else:
                 size = layout.dense_size(i)
-                send.parts.append(SentPart(name=name, positions=None, offset=0,
-                                           values=mine.dense[dense : dense + size]))
+                payload = mine.dense[dense : dense + size]
+                if layout.quantized:  # what the receivers add: the codes times the tensor's scale
+                    payload = dequantize_int8(payload, mine.scales[i])
+                send.parts.append(SentPart(name=name, positions=None, offset=0, values=payload))
                 dense += size
 
     def count(self, send: Send) -> None:
@@ -301,9 +331,10 @@ class Codec:
         else:
             out = self.scratch(layout, buffer.device, "accumulator", buffer.numel(), torch.float32)
         kernels = self.state.kernels_for(out)
-        kernels.scatter_unpack(out, unpack_positions(layout, everyone, n), everyone.values, n)
+        values, dense = wire_values(layout, everyone, n)  # int8: dequantized with each tensor's scale
+        kernels.scatter_unpack(out, unpack_positions(layout, everyone, n), values, n)
         if layout.dense_numel:
-            dense_sum = everyone.dense.float().sum(dim=0).div_(n)
+            dense_sum = dense.float().sum(dim=0).div_(n)
             out.index_copy_(0, self.dense_positions(layout, buffer.device), dense_sum)
         if out is not buffer:
             buffer.copy_(out)

@@ -25,6 +25,7 @@ bucket's sent values back into the residuals, and the last callback raises once 
 # No `from __future__ import annotations`: DDP inspects the annotation of `bucket` at runtime.
 
 import functools
+import time
 
 import torch
 import torch.distributed as dist
@@ -48,11 +49,14 @@ def ddp_comm_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Fut
         check_agreement(fingerprint(state, names), _gather_objects(state.process_group))
         state.agreed = True
     session.begin(state, names, buffer)  # previous call of this bucket over; micro-batches replayed
-    layout = state.codec.layout(names)
     ledger = session.ledger(state.step)
+    session.maybe_decide(state, ledger)  # policy="auto": sparse or dense, per bucket
+    layout = state.codec.layout(names)
     ledger.launch(last=bucket.is_last())  # before the collective: its callback may run at once
     # Step II
+    started = time.perf_counter()
     send = state.codec.encode(layout, buffer, track=state.track_sent)
+    encoded = time.perf_counter()
     session.note(send)
     # Step III
     group, n = state.process_group, state.world_size
@@ -66,9 +70,11 @@ def ddp_comm_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Fut
     # Step IV
     def finish(fut: torch.futures.Future[list[Tensor]]) -> Tensor:
         fut.wait()
+        arrived = time.perf_counter()
         failed = state.codec.decode(send, received)
         if not failed:
             session.micro.after_decode(state, names, buffer)
+            session.observe(state, send, encoded, encoded - started, time.perf_counter() - arrived)
         ledger.settle(failed=failed, commit=functools.partial(send.commit, state),
                       undo=functools.partial(send.undo, state))
         return buffer

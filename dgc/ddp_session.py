@@ -15,11 +15,13 @@ the state is attached, and the global hook removes itself once no session is lef
 
 from __future__ import annotations
 
+import time
 import weakref
 from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
@@ -41,6 +43,9 @@ class DDPSession:
         self._sent: dict[str, SentPart] = {}
         self._optimizer_hook: Any = None
         self._step_flights: list[tuple[Send, torch.futures.Future[Any]]] = []
+        self.last_groups: list[tuple[str, ...]] = []
+        """The buckets (tensor names) of the last step, in launch order."""
+        self._last_done = 0.0
         self.micro = MicroBatches()
         """Synchronized micro-batches (gradient accumulation without ``no_sync()``)."""
         _looking.add(self)
@@ -92,8 +97,32 @@ class DDPSession:
         if self._ledger is None or self._ledger.step != step or self._ledger.settled:
             self._ledger = StepLedger(step=step)
             self._sent.clear()
+            if self._step_flights:
+                self.last_groups = [send.layout.names for send, _ in self._step_flights]
             self._step_flights.clear()
         return self._ledger
+
+    def maybe_decide(self, state: DGCState, ledger: StepLedger) -> None:
+        """``policy="auto"``: at the first bucket of a step where a decision is due, rank 0 decides for
+        every bucket of the last step and broadcasts (one collective, the same point on every rank)."""
+        if ledger.launched or state.step < state.config.dense_steps:
+            return
+        if not state.policy.due(state.step, state.density):
+            return
+        group = state.process_group
+        src = 0 if group is None else dist.get_global_rank(group, 0)
+        state.policy.decide(state, self.last_groups, lambda t: dist.broadcast(t, src=src, group=group))
+
+    def observe(self, state: DGCState, send: Send, started: float, encode_s: float, decode_s: float) -> None:
+        """Feed ``policy="auto"`` one group's timings: a dense allreduce (the link), or a sparse codec."""
+        now = time.perf_counter()
+        if send.sparse:
+            state.policy.observe_codec(send.layout.names, encode_s + decode_s)
+        else:  # collectives run one after the other: this one started when the previous one ended
+            begin = max(started, self._last_done)
+            payload = send.payload.numel() * send.payload.element_size()
+            state.policy.observe_dense(payload, state.world_size, now - decode_s - begin)
+        self._last_done = now - decode_s
 
     def finish_step(self) -> list[str]:
         """From the last bucket's hook call: wait until every bucket of the step has settled and return

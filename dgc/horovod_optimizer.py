@@ -10,6 +10,7 @@ Imports Horovod: import it through :mod:`dgc.horovod`, which says how to install
 from __future__ import annotations
 
 import functools
+import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -80,6 +81,9 @@ class _Flight:
     send: Send
     handle: int
     params: list[Tensor]
+    started: float = 0.0
+    """When the collective was launched (``time.perf_counter``), for ``policy="auto"``."""
+    encode_s: float = 0.0
 
     @property
     def kind(self) -> str:
@@ -171,13 +175,15 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
     def _send(self, params: list[Tensor], buffer: Tensor, name: str, dense_name: str) -> _Flight:
         """Encode a group with the codec and launch its collective (named alike on every rank)."""
         state = self._dgc
+        t0 = time.perf_counter()
         send = state.codec.encode(state.codec.layout(tuple(self._names[p] for p in params)), buffer)
+        t1 = time.perf_counter()
         if send.sparse:
             handle = hvd.allgather_async(send.message, name=name, process_set=self._process_set)
         else:
             handle = hvd.allreduce_async_(send.payload, name=dense_name, op=hvd.Average,
                                           process_set=self._process_set)
-        return _Flight(send=send, handle=handle, params=params)
+        return _Flight(send=send, handle=handle, params=params, started=t1, encode_s=t1 - t0)
 
     # ------------------------------------------------------------------ Steps II-III
     def synchronize(self) -> None:
@@ -213,11 +219,23 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
         state = self._dgc
         step = state.step
         state.end_step(failed=bool(failed))
+        if not failed:
+            self._decide()
         # After a raised failure nothing valid is in p.grad: leave the step unsynchronized, so that a
         # retried step() sends again (and fails again) instead of applying it.
         self._synchronized = not (failed and state.config.nonfinite == "raise")
         if failed:
             self._nonfinite(failed, step)
+
+    def _decide(self) -> None:
+        """``policy="auto"``: choose, for the next step, which large tensors go sparse (rank 0 decides
+        and broadcasts; every rank calls this at the end of the same synchronize())."""
+        state = self._dgc
+        if state.step < state.config.dense_steps or not state.policy.due(state.step, state.density):
+            return
+        groups = sorted((n,) for n, m in state.memory.items() if m.compressed)
+        state.policy.decide(state, groups, lambda t: hvd.broadcast_(
+            t, root_rank=0, name="dgc.policy", process_set=self._process_set))
 
     def _launch_groups(self) -> list[_Flight]:
         """Step II: one allreduce per dtype for the small dense tensors, in a rank-independent order."""
@@ -233,16 +251,24 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
     def _settle(self, flights: list[_Flight]) -> list[str]:
         """Step III: wait for every group, decode it into ``p.grad``, settle the step as a whole (the
         ledger commits every group, or undoes every group when one failed).  Returns the failed names."""
-        state, failed = self._dgc, []
+        state, failed, last_done = self._dgc, [], 0.0
         ledger = StepLedger(step=state.step)
         for i in range(len(flights)):
             ledger.launch(last=i == len(flights) - 1)
         for flight in flights:
             send = flight.send
-            who = state.codec.decode(send, hvd.synchronize(flight.handle))
+            received = hvd.synchronize(flight.handle)
+            arrived = time.perf_counter()
+            who = state.codec.decode(send, received)
             if who is not None:
                 send.buffer.fill_(float("nan"))
                 failed.extend(send.layout.names)
+            elif send.sparse:
+                state.policy.observe_codec(send.layout.names, flight.encode_s + time.perf_counter() - arrived)
+            else:  # Horovod runs the collectives one after the other
+                payload = send.payload.numel() * send.payload.element_size()
+                state.policy.observe_dense(payload, state.world_size, arrived - max(flight.started, last_done))
+            last_done = arrived
             flight.scatter_back()
             ledger.settle(failed=who, commit=functools.partial(send.commit, state),
                           undo=functools.partial(send.undo, state))

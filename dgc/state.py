@@ -16,6 +16,7 @@ from .checkpoint_layout import STATE_META, checked_entries, layout_of
 from .codec import MAX_INDEX, Codec
 from .compressor import CompressedTensor, TensorMemory
 from .config import DGCConfig
+from .policy import Policy
 from .stats import CompressionStats
 
 __all__ = ["STATE_META", "DGCState"]
@@ -53,6 +54,8 @@ class DGCState:
         # Internal state.
         self.step = 0
         self.stats = CompressionStats()
+        self.policy = Policy(config.policy, config.policy_interval)
+        """Which groups go sparse (``DGCConfig.policy``; decisions and measurements of ``"auto"``)."""
         self.memory: dict[str, TensorMemory] = {}
         self._pending = CompressionStats()
         self._params: dict[int, tuple[str, Tensor]] = {}
@@ -374,6 +377,7 @@ class DGCState:
             mem.live = mem.numel if mem.mask is None else int(mem.mask.sum())
         self.step = int(state["step"])
         self.agreed = False  # compare with the other ranks again at the next step
+        self.policy = Policy(self.config.policy, self.config.policy_interval)  # decide afresh
         self.codec.invalidate()
 
     def __getstate__(self) -> dict[str, Any]:

@@ -70,6 +70,7 @@ class Scenario:
     check_invariant: bool = True
     checkpoint_at: int | None = None  # save state at this step, rebuild everything, load, continue
     plain_hook: bool = False  # ddp.register_comm_hook(DGCState(...), ddp_comm_hook) instead of dgc.register
+    switch: tuple[str, ...] | None = None  # the policy ("sparse"/"dense") of each step, switched mid-run
 
 
 def _model(name: str, unused: bool) -> nn.Module:
@@ -230,6 +231,8 @@ def run_scenario(rank: int, world: int, sc: Scenario) -> dict:
         if sc.extra_until is not None:
             module.use_extra = ref.use_extra = step < sc.extra_until
         local = _local_grads(sc, module, ref, batches, wd)
+        if sc.switch is not None:
+            state.policy.mode = sc.switch[step]
         u_prev = {}
         if state is not None and state.memory[names[0]].momentum is not None:
             u_prev = {n: state.memory[n].momentum.view(state.memory[n].shape).clone() for n in names}

@@ -105,3 +105,20 @@ def nan_on_one_rank(rank: int, world: int, steps: int = 4, bad: int = 2) -> dict
         "grads": grads_at_failure,
         "params": {n: p.detach().clone() for n, p in ddp.module.named_parameters()},
     }
+
+
+def auto_policy(rank: int, world: int, steps: int = 6) -> dict:
+    """policy="auto", deciding every step: the decisions of every step, on every rank."""
+    torch.manual_seed(0)
+    ddp = DDP(ToyModel(), bucket_cap_mb=0.001)  # several buckets
+    opt = dgc.DGCSGD(ddp.parameters(), lr=0.05)
+    cfg = dgc.DGCConfig(density=0.05, min_compress_numel=16, policy="auto", policy_interval=1)
+    state = dgc.register(ddp, opt, cfg)
+    decisions, kinds = [], []
+    for (x, y), in _data(rank, steps, 1):
+        opt.zero_grad()
+        nn.functional.mse_loss(ddp(x), y).backward()
+        opt.step()
+        decisions.append(sorted(state.policy.decisions.items()))
+        kinds.append((state.stats.sparse_buckets, state.stats.dense_buckets))
+    return {"decisions": decisions, "kinds": kinds, "samples": len(state.policy.link.samples)}

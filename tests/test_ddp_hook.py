@@ -89,6 +89,14 @@ def two_rank_results() -> list[list[dict]]:
             model="conv", dgc=dict(sparse), find_unused=True, extra_until=3, steps=7, bucket_cap_mb=0.01,
             plain_hook=True,
         ),  # fmt: skip
+        # 19: policy switched sparse <-> dense mid-run (a bucket going dense sends all of v, one going
+        # sparse continues from its residual), with momentum and warm-up densities
+        Scenario(
+            model="conv", dgc=dict(sparse, warmup_steps=4), steps=8, bucket_cap_mb=0.01,
+            switch=("sparse", "sparse", "sparse", "dense", "sparse", "dense", "dense", "sparse"),
+        ),  # fmt: skip
+        # 20: policy="dense": momentum-corrected dense allreduce with the same state
+        Scenario(model="conv", dgc=dict(sparse, policy="dense"), steps=5, bucket_cap_mb=0.01),
     ]
     return _run_all(2, scenarios)
 
@@ -202,3 +210,21 @@ def test_four_ranks_many_buckets_no_mismatch():
     _assert_identical_across_ranks(results)
     last = results[0]["stats"][-1]
     assert last["sparse_buckets"] >= 5 and last["sparse_buckets"] + last["dense_buckets"] >= 6
+
+
+def test_policy_switch_conserves_the_gradient_exactly(two_rank_results):
+    results = _scenario(two_rank_results, 19)
+    for r in results:
+        assert r["errors"] == []
+        assert r["max_rel_err"] < 1e-5  # sent + residuals == corrected gradients, through every switch
+        kinds = [(s["sparse_buckets"] > 0, s["dense_buckets"] > 0) for s in r["stats"]]
+        assert kinds[3] == (False, True) and kinds[4][0] and kinds[7][0]
+    _assert_identical_across_ranks(results)
+
+
+def test_policy_dense_sends_everything_through_allreduce(two_rank_results):
+    results = _scenario(two_rank_results, 20)
+    for r in results:
+        assert r["errors"] == [] and r["max_rel_err"] < 1e-5
+        assert all(s["sparse_buckets"] == 0 and s["achieved_density"] == 1.0 for s in r["stats"])
+    _assert_identical_across_ranks(results)

@@ -9,6 +9,7 @@ from _dist import run_distributed
 from reliability_workers import (
     accumulation,
     accumulation_unknown_optimizer,
+    auto_policy,
     mismatch,
     nan_on_one_rank,
 )
@@ -60,3 +61,12 @@ def test_nan_on_one_rank_raises_everywhere_and_keeps_ranks_identical() -> None:
         assert all(torch.equal(g, torch.zeros_like(g)) for g in r["grads"].values())
     for n, p in results[0]["params"].items():
         assert torch.equal(p, results[1]["params"][n]) and torch.isfinite(p).all()
+
+
+def test_auto_policy_takes_the_same_decision_on_every_rank() -> None:
+    a, b = run_distributed(auto_policy, 2, timeout=120)
+    assert a["decisions"] == b["decisions"]
+    assert a["samples"] > 0  # the dense steps were timed
+    decided = [d for d in a["decisions"] if d]
+    assert decided and all(len(d) >= 2 for d in decided)  # every bucket has a decision
+    assert [k[0] for k in a["kinds"][:2]] == [0, 0]  # the dense steps
