@@ -7,14 +7,23 @@ same thing.  Per worker, per tensor, per step, with momentum m:
     Step 1  momentum correction  ``u <- m*u + g``            (Nesterov: ``u <- m*(u + g)``, v gets u + g);
     Step 2  local accumulation   ``v <- v + u``;
     Step 3  selection of the k = ceil(density * numel) entries of largest |v|;
-    Step 4  packing of (index, value) pairs (values cast to the wire dtype);
-    Step 5  momentum factor masking ``u[sel] <- 0`` and ``v[sel] <- v[sel] - sent`` (0 in float32).
+    Step 4  packing of (index, value) pairs (values cast to the wire dtype; int8: quantized with one
+            scale per tensor, see :mod:`dgc.wire`);
+    Step 5  momentum factor masking ``u[sel] <- 0`` and ``v[sel] <- v[sel] - sent`` (0 in float32; the
+            rounding error of a narrower wire dtype otherwise).
 
 A dense-path tensor (small tensors always, every tensor during the first ``dense_steps``) runs steps 0-2
 and sends all of v, keeping the wire dtype's rounding error in v; its momentum is not masked, which makes
 it plain momentum SGD.  If another worker reports a non-finite gradient, nothing of the step is applied
-and every worker puts what it packed back into v (:func:`finish_dense`, ``DGCState.restore``).  Invariant, checked by the tests: sent + v = the sum of all momentum-corrected
-gradients, for every tensor at every step.
+and every worker puts what it packed back into v (:func:`finish_dense`, ``DGCState.restore``).  Invariant,
+checked by the tests: sent + v = the sum of all momentum-corrected gradients, for every tensor at every
+step (docs/algorithm.md#invariant); "sent" is what the receivers add: the int8 codes times their scale.
+
+int8 values: the kernels select into float32 (v[sel] becomes exactly 0), then :func:`compress` quantizes
+the k selected values with ``s = max|value| / 127`` and puts each value's rounding error back into v; a
+dense-path tensor sends ``round(v / s)`` with ``s = max|v| / 127`` and :func:`finish_dense` subtracts
+exactly ``q * s`` once it arrived.  The error feedback of the residual makes the rounding lossless over
+steps, as for float16.
 """
 
 from __future__ import annotations
@@ -27,12 +36,14 @@ from torch import Tensor
 
 from .config import DGCConfig
 from .kernels.reference import saturate
+from .wire import dequantize_int8, int8_scale, quantize_int8
 
 __all__ = [
     "CompressedTensor",
     "TensorMemory",
     "compress",
     "compress_dense",
+    "dense_scale",
     "finish_dense",
     "preprocess",
 ]
@@ -70,9 +81,16 @@ class CompressedTensor:
     indices: Tensor
     """int32 positions in the flattened tensor, ascending."""
     values: Tensor
-    """The residual's values at ``indices``, in the wire dtype."""
+    """The residual's values at ``indices``, in the wire dtype (int8: the codes)."""
     numel: int
     shape: torch.Size
+    scale: Tensor | None = None
+    """int8 wire: the float32 scale (0-dim) of the codes; None for a float wire."""
+
+    @property
+    def sent(self) -> Tensor:
+        """What the receivers add for these pairs, in float32: ``values`` (int8: times ``scale``)."""
+        return self.values.float() if self.scale is None else dequantize_int8(self.values, self.scale)
 
 
 def preprocess(grad: Tensor, param: Tensor | None, config: DGCConfig, world_size: int) -> Tensor:
@@ -103,12 +121,21 @@ def compress(
     out_values: Tensor | None = None,
 ) -> CompressedTensor:
     """Steps 1-5 for a compressed tensor (``grad`` already preprocessed).  Writes the pairs into
-    ``out_indices``/``out_values`` when given (views into a wire buffer), else into new tensors."""
+    ``out_indices``/``out_values`` when given (views into a wire buffer), else into new tensors.
+
+    int8 wire: ``out_values`` must be float32 (default: a new one); it receives the *dequantized* values
+    (what was sent), and the returned tensor holds the int8 codes and their scale."""
     device = memory.residual.device
+    quantized = config.wire_dtype == torch.int8
     if out_indices is None:
         out_indices = torch.empty(k, dtype=torch.int32, device=device)
     if out_values is None:
-        out_values = torch.empty(k, dtype=config.wire_dtype, device=device)
+        out_values = torch.empty(k, dtype=torch.float32 if quantized else config.wire_dtype, device=device)
+    if quantized and out_values.dtype != torch.float32:
+        raise TypeError(
+            f"compress: DGCConfig.value_dtype = 'int8' selects into float32 before quantizing; "
+            f"out_values for {memory.name!r} is {out_values.dtype}. Pass a float32 buffer (or none)."
+        )
     kernels.compress_step(
         grad.reshape(-1),
         memory.momentum,
@@ -123,13 +150,31 @@ def compress(
         out_values=out_values,
         mask=memory.mask,
     )
+    if quantized:
+        codes, scale = _quantize_selected(memory, out_indices, out_values)
+        return CompressedTensor(indices=out_indices, values=codes, numel=memory.numel, shape=memory.shape,
+                                scale=scale)
     return CompressedTensor(indices=out_indices, values=out_values, numel=memory.numel, shape=memory.shape)
+
+
+def _quantize_selected(memory: TensorMemory, indices: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+    """int8 step 4-5 after the kernel: codes and scale of the selected float32 ``values``; each value's
+    rounding error back into v (where the kernel left exactly 0), and ``values`` replaced by what the
+    receivers will add (codes times scale)."""
+    scale = int8_scale(values)
+    codes = quantize_int8(values, scale)
+    sent = dequantize_int8(codes, scale)
+    memory.residual.index_add_(0, indices.long(), values - sent)
+    values.copy_(sent)
+    return codes, scale
 
 
 def compress_dense(memory: TensorMemory, grad: Tensor, config: DGCConfig, out: Tensor) -> Tensor:
     """Steps 1-2 for a dense-path tensor: v becomes everything to send and ``out`` (any float dtype, may
-    alias ``grad``) receives a copy: of all of v, or, with ``memory.live`` elements, of its live entries
-    only (a pruned tensor's payload without the pruned coordinates, which are zero in v anyway).  v keeps it until :func:`finish_dense` learns whether it arrived."""
+    alias ``grad``; or int8: the codes of v with scale :func:`dense_scale`) receives a copy: of all of v,
+    or, with ``memory.live`` elements, of its live entries only (a pruned tensor's payload without the
+    pruned coordinates, which are zero in v anyway).  v keeps it until :func:`finish_dense` learns
+    whether it arrived."""
     g = grad.reshape(-1)
     v = memory.residual
     u = memory.momentum
@@ -145,9 +190,9 @@ def compress_dense(memory: TensorMemory, grad: Tensor, config: DGCConfig, out: T
         v.add_(u)
     flat = out.reshape(-1)
     if flat.numel() == v.numel():
-        flat.copy_(saturate(v, out.dtype))
+        flat.copy_(_to_wire(v, out.dtype))
     elif memory.mask is not None and flat.numel() == memory.live:  # pruned: the live entries only
-        flat.copy_(saturate(torch.masked_select(v, memory.mask), out.dtype))
+        flat.copy_(_to_wire(torch.masked_select(v, memory.mask), out.dtype, scale_of=v))
     else:
         raise ValueError(
             f"compress_dense: out has {flat.numel()} elements for {memory.name!r}, which has {v.numel()} "
@@ -156,13 +201,31 @@ def compress_dense(memory: TensorMemory, grad: Tensor, config: DGCConfig, out: T
     return out
 
 
+def dense_scale(memory: TensorMemory) -> Tensor:
+    """The int8 scale of a dense-path tensor's payload between :func:`compress_dense` and
+    :func:`finish_dense`: ``max|v| / 127`` (pruned entries are zero in v, so live ones decide)."""
+    return int8_scale(memory.residual)
+
+
+def _to_wire(x: Tensor, dtype: torch.dtype, scale_of: Tensor | None = None) -> Tensor:
+    """``x`` as the wire carries it: saturated to a float dtype, or int8 codes with the scale of
+    ``scale_of`` (default ``x``)."""
+    if dtype == torch.int8:
+        return quantize_int8(x, int8_scale(x if scale_of is None else scale_of))
+    return saturate(x, dtype)
+
+
 def finish_dense(memory: TensorMemory, sent_dtype: torch.dtype, delivered: bool) -> None:
     """After the collective: a delivered payload leaves only its rounding error to ``sent_dtype`` in v;
-    an undelivered one (another worker's gradient was not finite) stays whole in v."""
+    an undelivered one (another worker's gradient was not finite) stays whole in v.  (v is unchanged
+    since :func:`compress_dense`, so the payload is recomputed from it bit for bit, int8 scale included.)"""
     if not delivered:
         return
     v = memory.residual
     if sent_dtype == torch.float32:
         v.zero_()
+    elif sent_dtype == torch.int8:
+        scale = int8_scale(v)
+        v.sub_(dequantize_int8(quantize_int8(v, scale), scale))
     else:
         v.sub_(saturate(v, sent_dtype).to(sent_dtype).float())

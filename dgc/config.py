@@ -15,7 +15,9 @@ WIRE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
+    "int8": torch.int8,
 }
+"""``DGCConfig.value_dtype`` names and the dtype of the values in a sparse message."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -74,16 +76,25 @@ class DGCConfig:
     may apply its own (uncompressed) weight decay instead; never both."""
 
     value_dtype: str = "float32"
-    """Dtype of the values on the wire: "float32", "float16" or "bfloat16".  The rounding error of a
-    narrower dtype stays in the residual, so nothing is lost.  Indices: see ``index_format``."""
+    """Dtype of the values in a sparse bucket's message: "float32", "float16", "bfloat16" or "int8".
+    The rounding error of a narrower dtype stays in the residual, so nothing is lost.  "int8": the
+    selected values *and* the dense-path tensors (biases, norms) of a sparse bucket travel as int8 codes
+    in [-127, 127] with one float32 scale per tensor (``max|x| / 127`` of what the tensor sends; symmetric,
+    zero point 0; round to nearest; see docs/wire.md): about 3 bytes per pair with block16 positions,
+    past 700x on ResNet-50 at density 0.001.  Dense-allreduce buckets (the ``dense_steps``, buckets with
+    no compressed tensor) keep the gradient's dtype whatever this says: a sum of int8 codes with
+    different scales means nothing, and would overflow.  Indices: see ``index_format``."""
 
-    index_format: Literal["auto", "int32", "block16"] = "auto"
-    """How a message encodes the positions of its pairs.  "int32": 4 bytes per pair.  "block16": the
-    bucket is cut into blocks of 65,536 elements; the message holds one int32 count per block and a
-    16-bit offset per pair (2 bytes per pair + 4 bytes per block, lossless, positions sorted).
-    "auto" (default) takes, per bucket, whichever message is smaller: block16 as soon as a bucket sends
+    index_format: Literal["auto", "int32", "block16", "bitmap"] = "auto"
+    """How a message encodes the positions of its pairs (all lossless, fixed-size).  "int32": 4 bytes per
+    pair.  "block16": the bucket is cut into blocks of 65,536 elements; the message holds one int32
+    count per block and a 16-bit offset per pair (2 bytes per pair + 4 bytes per block, positions
+    sorted).  "bitmap": one bit per element of the bucket (``numel / 8`` bytes whatever the number of
+    pairs: smaller than block16 above a density of about 1/16, as in the warm-up's first stages).
+    "auto" (default) takes, per bucket, whichever index is smallest: block16 as soon as a bucket sends
     more than two pairs per block (at density 0.001, every compressed bucket of more than a few
-    thousand elements).  On ResNet-50 at density 0.001 it cuts a pair from 8 to ~6 bytes (float32)."""
+    thousand elements), bitmap at densities above ~1/16.  On ResNet-50 at density 0.001 it cuts a pair
+    from 8 to ~6 bytes (float32).  See docs/wire.md."""
 
     nonfinite: Literal["raise", "propagate"] = "raise"
     """What a NaN/Inf local gradient does.  The step is not applied and nothing is lost: every rank puts
@@ -152,7 +163,8 @@ class DGCConfig:
             _check(self.value_dtype in names, "value_dtype", self.value_dtype, f"one of {sorted(WIRE_DTYPES)}")
             self.value_dtype = names[self.value_dtype]
         _check(self.value_dtype in WIRE_DTYPES, "value_dtype", self.value_dtype, f"one of {sorted(WIRE_DTYPES)}")
-        _check(self.index_format in ("auto", "int32", "block16"), "index_format", self.index_format, "'auto', 'int32' or 'block16'")
+        _check(self.index_format in ("auto", "int32", "block16", "bitmap"), "index_format", self.index_format,
+               "'auto', 'int32', 'block16' or 'bitmap'")
         _check(self.nonfinite in ("raise", "propagate"), "nonfinite", self.nonfinite, "'raise' or 'propagate'")
         _check(_is_int(self.log_every) and self.log_every >= 0, "log_every", self.log_every, "an integer >= 0 (0 = off)")
         _check(self.backend in ("auto", "torch", "cupy"), "backend", self.backend, "'auto', 'torch' or 'cupy'")
