@@ -107,6 +107,21 @@ def test_fp16_skips_overflowing_steps_and_dgc_keeps_its_residuals(tmp_path):
 
 
 @pytest.mark.timeout(900)
+def test_fp16_with_a_quantized_compressor_skips_instead_of_raising(tmp_path):
+    """compress=int8's config says nonfinite=raise: under fp16 the loop sets propagate, so the
+    overflowing first steps are skipped (with raise, backward() would fail at step 1)."""
+    records, probes, _ = run(tmp_path, "int8", "train.max_steps=6", "train.precision=fp16",
+                             f"train.loss_scale={2.0**24}", "+compress=int8",
+                             "train.checkpoint.dir=null", dtypes=False)
+    scales = probes[0]["scales"]
+    assert probes[1]["scales"] == scales and scales[:2] == [2.0**23, 2.0**22], scales
+    summary = records[-1]
+    assert summary["compress"] == "int8" and summary["skipped_steps"] >= 2
+    assert all(math.isfinite(v) for v in losses(records).values())
+    assert math.isfinite(summary["test_loss"])
+
+
+@pytest.mark.timeout(900)
 def test_compiled_ddp_model_gives_the_eager_losses(tmp_path):
     common = ("train.max_steps=4", "train.checkpoint.dir=null", "+compress=dgc",
               "compress.warmup_epochs=null")

@@ -16,9 +16,10 @@ and clipping mean what they mean in float32, and a change of S needs no rescalin
 Before the optimizer step the averaged gradients are multiplied by S again (exact: S is a power of
 two) and handed to ``GradScaler`` as usual, which checks them for Inf/NaN, skips or applies the
 step and updates S.  A gradient that overflowed is Inf on the rank that computed it; the comm hook
-must hand it on rather than raise: DGC runs with ``nonfinite="propagate"`` (every residual kept, see
-:func:`prepare_communication`), DDP's allreduce and the fp16 hook propagate it anyway, and PowerSGD
-(whose error feedback would keep the Inf) is refused.
+must hand it on rather than raise: DGC and the quantized compressors run with
+``nonfinite="propagate"`` (every residual kept, see :func:`prepare_communication`), DDP's allreduce
+and the fp16 hook propagate it anyway, and PowerSGD (whose error feedback would keep the Inf) is
+refused.
 """
 
 from __future__ import annotations
@@ -34,8 +35,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from dgc.config import DGCConfig
+from dgc.quant import QuantConfig
 from dgc.training.communication import Communication
 from dgc.training.dgc_communication import DGCCommunication
+from dgc.training.quant_communication import QuantCommunication
 from dgc.training.runtime import Runtime
 from dgc.training.schema import TrainConfig
 
@@ -44,6 +48,15 @@ __all__ = ["Precision", "check_communication", "prepare_communication"]
 log = logging.getLogger(__name__)
 
 _DTYPES = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _config_of(comm: Communication) -> DGCConfig | QuantConfig | None:
+    """The compress option's own config where it has a non-finite rule (DGC, quantized)."""
+    if isinstance(comm, DGCCommunication):
+        return comm.config
+    if isinstance(comm, QuantCommunication):
+        return comm.quant_config
+    return None
 
 
 def check_communication(comm: Communication, settings: TrainConfig) -> None:
@@ -55,21 +68,27 @@ def check_communication(comm: Communication, settings: TrainConfig) -> None:
         raise ValueError("train.precision=fp16 cannot run with compress=powersgd: PowerSGD's error "
                          "feedback would keep the Inf of an overflowing step forever. Use "
                          "train.precision=bf16 (no loss scaling), or +compress=dgc/topk/fp16.")
-    if isinstance(comm, DGCCommunication) and not comm.config.check_finite:
+    config = _config_of(comm)
+    if config is not None and not config.check_finite:
         raise ValueError(f"train.precision=fp16 with compress={comm.name} needs "
                          "compress.config.check_finite=true: the loss scaler skips steps whose "
-                         "gradients overflow, and unchecked they would enter DGC's residuals.")
+                         "gradients overflow, and unchecked they would enter the residuals.")
 
 
 def prepare_communication(comm: Communication, settings: TrainConfig) -> None:
-    """fp16 with DGC: ``nonfinite="propagate"``, so an overflowing step hands NaN gradients to
-    GradScaler (which skips it) and every rank keeps every residual, instead of raising."""
-    if settings.precision != "fp16" or not isinstance(comm, DGCCommunication):
+    """fp16 with DGC or a quantized compressor: ``nonfinite="propagate"``, so an overflowing step
+    hands NaN gradients to GradScaler (which skips it) and every rank keeps every residual,
+    instead of raising."""
+    config = _config_of(comm) if settings.precision == "fp16" else None
+    if config is None or config.nonfinite == "propagate":
         return
-    if comm.config.nonfinite != "propagate":
-        comm.config = dataclasses.replace(comm.config, nonfinite="propagate")
-        log.info("train.precision=fp16: compress.config.nonfinite set to 'propagate' (an "
-                 "overflowing step is skipped by the loss scaler; DGC keeps every residual)")
+    propagate = dataclasses.replace(config, nonfinite="propagate")
+    if isinstance(comm, DGCCommunication):
+        comm.config = propagate
+    elif isinstance(comm, QuantCommunication):
+        comm.quant_config = propagate
+    log.info("train.precision=fp16: compress.config.nonfinite set to 'propagate' (an overflowing "
+             "step is skipped by the loss scaler; every residual is kept)")
 
 
 class Precision:
