@@ -33,7 +33,12 @@ def layout_of(memory: Mapping[str, TensorMemory]) -> dict[str, Any]:
 
 
 def checked_entries(
-    state: Mapping[str, Any], memory: Mapping[str, TensorMemory], world_size: int, rank: int, momentum: float
+    state: Mapping[str, Any],
+    memory: Mapping[str, TensorMemory],
+    world_size: int,
+    rank: int,
+    momentum: float,
+    hierarchy: str = "flat",
 ) -> Mapping[str, Any]:
     """The per-parameter entries of a saved state, after checking it fits this worker (``ValueError``
     naming the mismatch: keys, world size, rank, parameter names and shapes, momentum on/off)."""
@@ -51,6 +56,13 @@ def checked_entries(
         )
     if saved_rank != rank:
         raise ValueError(f"DGC state of rank {saved_rank} loaded on rank {rank}: load each rank's own state.")
+    saved_hierarchy = (state.get("config") or {}).get("hierarchy", "flat")
+    if saved_hierarchy != hierarchy:
+        raise ValueError(
+            f"DGC state holds the {saved_hierarchy!r} layout (DGCConfig.hierarchy) and this run uses "
+            f"{hierarchy!r}: momentum and residual are kept per node share with 'node'. Resume with "
+            f"DGCConfig(hierarchy={saved_hierarchy!r})."
+        )
     legacy = "params" in state and "params" not in memory and isinstance(state["params"], Mapping)
     saved = state["params"] if legacy else {k: v for k, v in state.items() if k not in STATE_META}
     if set(saved) != set(memory):

@@ -83,7 +83,8 @@ class Send:
 
     @property
     def sparse(self) -> bool:
-        return self.layout.compressed
+        """The group travels as messages (all-gather), not as a payload (all-reduce)."""
+        return self.message is not None
 
     def commit(self, state: DGCState) -> None:
         """The step arrived everywhere: delivered dense payloads leave only their rounding error in v
@@ -214,18 +215,26 @@ class Codec:
         return buf
 
     # ------------------------------------------------------------------ encode
-    def encode(self, layout: BucketLayout, buffer: Tensor, *, track: bool = False) -> Send:
+    def encode(
+        self,
+        layout: BucketLayout,
+        buffer: Tensor,
+        *,
+        track: bool = False,
+        message_bytes: int | None = None,
+        as_message: bool | None = None,
+    ) -> Send:
         """This worker's contribution of the group in ``buffer`` (local gradients, flat; modified in place).
 
         Sparse groups get a message; dense groups get a payload to be *summed* by the transport (divide
-        by N before a sum, or reduce with an average).  ``track`` records per tensor what was sent."""
+        by N before a sum, or reduce with an average).  ``track`` records per tensor what was sent;
+        ``as_message`` forces a message (a share of a sparse bucket that holds no sparse tensor)."""
         finite = self.state.finite(buffer)
-        send = self._encode_sparse(layout, buffer, finite) if layout.compressed else self._encode_dense(
-            layout, buffer, finite
-        )
+        message = layout.compressed if as_message is None else as_message
+        send = self._encode_sparse(layout, buffer, finite) if message else self._encode_dense(layout, buffer, finite)
         if track and finite:
             self._note_parts(send)
-        self.count(send)
+        self.count(send, message_bytes)
         return send
 
     def _encode_dense(self, layout: BucketLayout, buffer: Tensor, finite: bool) -> Send:
@@ -293,11 +302,13 @@ class Codec:
                 send.parts.append(SentPart(name=name, positions=None, offset=0, values=payload))
                 dense += size
 
-    def count(self, send: Send) -> None:
-        """Add the group's traffic to the step's statistics: the one place that counts bytes."""
+    def count(self, send: Send, message_bytes: int | None = None) -> None:
+        """Add the group's traffic to the step's statistics: the one place that counts bytes
+        (``message_bytes``: the size the transport really sends, when it pads the message)."""
         layout, buf, n = send.layout, send.buffer, self.state.world_size
         if send.sparse:
-            sent, received = layout.message_bytes, n * layout.message_bytes
+            width = message_bytes or layout.message_bytes
+            sent, received = width, n * width
             elements_sent = layout.pairs + layout.dense_numel
         else:
             sent = received = send.payload.numel() * send.payload.element_size()

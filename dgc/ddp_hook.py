@@ -55,23 +55,30 @@ def ddp_comm_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Fut
     ledger.launch(last=bucket.is_last())  # before the collective: its callback may run at once
     # Step II
     started = time.perf_counter()
-    send = state.codec.encode(layout, buffer, track=state.track_sent)
+    topo = session.topology(state)  # hierarchy="node": dense in the node, DGC on this rank's share
+    if topo is None:
+        send, shares, width = state.codec.encode(layout, buffer, track=state.track_sent), None, layout.message_bytes
+    else:
+        send, shares, width = topo.encode(state, layout, buffer)
     encoded = time.perf_counter()
     session.note(send)
     # Step III
     group, n = state.process_group, state.world_size
     if send.sparse:
-        received = state.codec.scratch(layout, buffer.device, "gathered", n * layout.message_bytes, torch.uint8)
-        work = _all_gather(received, send.message, group)
+        received = state.codec.scratch(layout, buffer.device, "gathered", n * width, torch.uint8)
+        work = _all_gather(received, _padded(state, layout, send.message, width), group)
     else:
-        received = send.payload.div_(n)
+        received = send.payload.div_(n if topo is None else topo.n_nodes)
         work = dist.all_reduce(received, group=group, async_op=True)
 
     # Step IV
     def finish(fut: torch.futures.Future[list[Tensor]]) -> Tensor:
         fut.wait()
         arrived = time.perf_counter()
-        failed = state.codec.decode(send, received)
+        if shares is None or not send.sparse:
+            failed = state.codec.decode(send, received)
+        else:
+            failed = topo.decode(state, shares, received, width, buffer)
         if not failed:
             session.micro.after_decode(state, names, buffer)
             session.observe(state, send, encoded, encoded - started, time.perf_counter() - arrived)
@@ -87,6 +94,15 @@ def ddp_comm_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Fut
             _fail(state, session, failures, layout.names)
         state.end_step()
     return fut
+
+
+def _padded(state: DGCState, layout, message: Tensor, width: int) -> Tensor:  # noqa: ANN001
+    """The message in ``width`` bytes (hierarchy="node": every share's message is padded to the largest)."""
+    if message.numel() == width:
+        return message
+    out = state.codec.scratch(layout, message.device, "padded", width, torch.uint8)
+    out[: message.numel()].copy_(message)
+    return out
 
 
 def _gather_objects(group: dist.ProcessGroup | None):  # noqa: ANN202

@@ -27,6 +27,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .accumulation import MicroBatches
 from .codec import Send, SentPart
+from .hierarchy import NodeTopology
 from .ledger import StepLedger
 from .state import DGCState
 
@@ -46,6 +47,7 @@ class DDPSession:
         self.last_groups: list[tuple[str, ...]] = []
         """The buckets (tensor names) of the last step, in launch order."""
         self._last_done = 0.0
+        self._topology: NodeTopology | None = None
         self.micro = MicroBatches()
         """Synchronized micro-batches (gradient accumulation without ``no_sync()``)."""
         _looking.add(self)
@@ -68,6 +70,15 @@ class DDPSession:
         same optimizer step is replayed (:mod:`dgc.accumulation`)."""
         self.settle(names)
         self.micro.before_encode(state, names, buffer)
+
+    def topology(self, state: DGCState) -> NodeTopology | None:
+        """``hierarchy="node"``: the nodes and this node's process group (built at the first call, the
+        same point on every rank); None for ``"flat"`` or a single process."""
+        if state.config.hierarchy != "node" or state.world_size == 1:
+            return None
+        if self._topology is None:
+            self._topology = NodeTopology.build(state, state.node_groups)
+        return self._topology
 
     def optimizer_stepped(self) -> None:
         """The user's optimizer applies the step (from its step pre-hook, or by hand)."""

@@ -158,6 +158,7 @@ def register(
     *,
     process_group: dist.ProcessGroup | None = None,
     state: DGCState | None = None,
+    node_groups: list[list[int]] | None = None,
 ) -> DGCState:
     """Check the optimizer, build (or re-bind) the DGC state and register the DDP hook.
 
@@ -172,7 +173,7 @@ def register(
     if state is not None and config is not None and state.config != config:
         raise ValueError("dgc.register: pass either config or a state built with it, not both")
     if state is None:
-        state = DGCState(config, ddp_model.module.named_parameters(), process_group)
+        state = DGCState(config, ddp_model.module.named_parameters(), process_group, node_groups=node_groups)
     else:
         state.bind(ddp_model.module.named_parameters())
         if process_group is not None:

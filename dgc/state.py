@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -43,6 +44,8 @@ class DGCState:
         config: DGCConfig | None = None,
         named_parameters: Iterable[tuple[str, Tensor]] = (),
         process_group: dist.ProcessGroup | None = None,
+        *,
+        node_groups: Sequence[Sequence[int]] | None = None,
     ) -> None:
         if config is None:
             config = DGCConfig()
@@ -51,6 +54,13 @@ class DGCState:
         # Hyperparameters.
         self.config = config
         self.process_group = process_group
+        self.node_groups = None if node_groups is None else [list(g) for g in node_groups]
+        """``hierarchy="node"``: the ranks of each node (None: from torchrun's ``LOCAL_WORLD_SIZE``)."""
+        if config.hierarchy == "node" and node_groups is None and "LOCAL_WORLD_SIZE" not in os.environ:
+            raise ValueError(
+                "DGCConfig.hierarchy='node' needs to know the nodes: run under torchrun (it sets "
+                "LOCAL_WORLD_SIZE) or pass DGCState(..., node_groups=[[0, 1], [2, 3], ...])."
+            )
         # Internal state.
         self.step = 0
         self.stats = CompressionStats()
@@ -366,7 +376,9 @@ class DGCState:
         """Restore :meth:`state_dict` exactly; raises ``ValueError`` naming any mismatch (parameter
         names or shapes, world size, rank, momentum on/off).  Also reads the layout of dgc <= 0.1, whose
         per-parameter entries sat under a ``"params"`` key."""
-        saved = checked_entries(state, self.memory, self.world_size, self.rank, self.config.momentum)
+        saved = checked_entries(
+            state, self.memory, self.world_size, self.rank, self.config.momentum, self.config.hierarchy
+        )
         for name, entry in saved.items():
             mem = self.memory[name]
             mem.residual.copy_(entry["residual"].reshape(-1))

@@ -122,3 +122,24 @@ def auto_policy(rank: int, world: int, steps: int = 6) -> dict:
         decisions.append(sorted(state.policy.decisions.items()))
         kinds.append((state.stats.sparse_buckets, state.stats.dense_buckets))
     return {"decisions": decisions, "kinds": kinds, "samples": len(state.policy.link.samples)}
+
+
+def hierarchy(rank: int, world: int, cfg: dict, steps: int = 4) -> dict:
+    """The same training flat and with hierarchy="node" (2 simulated nodes of 2 ranks)."""
+    out = {}
+    for mode in ("flat", "node"):
+        torch.manual_seed(0)
+        ddp = DDP(ToyModel(), bucket_cap_mb=0.001)
+        opt = dgc.DGCSGD(ddp.parameters(), lr=0.05)
+        config = dgc.DGCConfig(**cfg, hierarchy=mode)
+        state = dgc.register(ddp, opt, config, node_groups=[[0, 1], [2, 3]] if mode == "node" else None)
+        received = 0
+        for (x, y), in _data(rank, steps, 1):
+            opt.zero_grad()
+            nn.functional.mse_loss(ddp(x), y).backward()
+            opt.step()
+            received += state.stats.bytes_received
+        out[mode] = {n: p.detach().clone() for n, p in ddp.module.named_parameters()}
+        out[mode + "_received"] = received
+        out[mode + "_sparse"] = state.stats.sparse_buckets
+    return out

@@ -10,6 +10,7 @@ from reliability_workers import (
     accumulation,
     accumulation_unknown_optimizer,
     auto_policy,
+    hierarchy,
     mismatch,
     nan_on_one_rank,
 )
@@ -70,3 +71,26 @@ def test_auto_policy_takes_the_same_decision_on_every_rank() -> None:
     decided = [d for d in a["decisions"] if d]
     assert decided and all(len(d) >= 2 for d in decided)  # every bucket has a decision
     assert [k[0] for k in a["kinds"][:2]] == [0, 0]  # the dense steps
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [dict(density=1.0, momentum=0.0, min_compress_numel=16, dense_steps=1),  # sparse at density 1
+     dict(momentum=0.9, min_compress_numel=16, policy="dense")],  # momentum-corrected dense
+)
+def test_node_hierarchy_equals_flat(cfg: dict) -> None:
+    results = run_distributed(hierarchy, 4, cfg, timeout=150)
+    for r in results:
+        for n, p in r["flat"].items():
+            torch.testing.assert_close(r["node"][n], p, rtol=1e-5, atol=1e-6)
+        assert r["node_sparse"] == r["flat_sparse"]
+    for r in results[1:]:
+        for n, p in results[0]["node"].items():
+            assert torch.equal(p, r["node"][n])
+
+
+def test_node_hierarchy_receives_fewer_bytes() -> None:
+    cfg = dict(density=0.01, min_compress_numel=16, dense_steps=1)
+    for r in run_distributed(hierarchy, 4, cfg, timeout=150):
+        assert r["node_sparse"] > 0
+        assert r["node_received"] < r["flat_received"]
