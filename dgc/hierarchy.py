@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .codec import Send
 from .state import DGCState
-from .wire import FLAG_NONFINITE, BucketLayout, MessageView, unpack_positions
+from .wire import FLAG_NONFINITE, BucketLayout, MessageView, unpack_positions, wire_values
 
 __all__ = ["NodeTopology", "node_groups_from_env"]
 
@@ -174,10 +174,11 @@ class NodeTopology:
             if bad or not share.names:
                 continue
             pos = unpack_positions(share, view, self.n_nodes).long()
+            values, dense = wire_values(share, view, self.n_nodes)  # int8: dequantized
             for r in range(self.n_nodes):  # rank order: the same bits on every rank
-                acc.index_add_(0, pos[r], view.values[r].float())
+                acc.index_add_(0, pos[r], values[r].float())
             if share.dense_numel:
-                acc.index_add_(0, state.codec.dense_positions(share, out.device), view.dense.float().sum(dim=0))
+                acc.index_add_(0, state.codec.dense_positions(share, out.device), dense.float().sum(dim=0))
         if bad:
             return f"rank(s) {sorted(bad)}"
         out.copy_(acc.div_(self.n_nodes))

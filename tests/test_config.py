@@ -28,7 +28,7 @@ import dgc
         ("clip_norm", float("inf")),
         ("min_compress_numel", 0),
         ("weight_decay", -1e-4),
-        ("value_dtype", "int8"),
+        ("value_dtype", "int4"),
         ("value_dtype", torch.float64),
         ("nonfinite", "ignore"),
         ("backend", "triton"),

@@ -41,7 +41,7 @@ def no_process_group(monkeypatch):
 @pytest.mark.parametrize("overrides,match", [
     (("+compress=dgc", "compress.config.density=0"), r"compress: DGCConfig\.density = 0"),
     (("+compress=dgc", "compress.config.momentum=1.5"), r"DGCConfig\.momentum"),
-    (("+compress=topk", "compress.config.value_dtype=int8"), r"value_dtype"),
+    (("+compress=topk", "compress.config.value_dtype=int4"), r"value_dtype"),
     (("+compress=dgc", "compress.warmup_epochs=-1"), r"warmup_epochs"),
     (("+compress=dgc", "optim=adam"), r"needs plain SGD.*optim=sgd"),
     (("+compress=powersgd", "compress.matrix_approximation_rank=0"), r"matrix_approximation_rank"),
