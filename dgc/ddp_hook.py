@@ -19,7 +19,7 @@ At the first call (and after every ``load_state_dict``) the ranks compare what m
 (:mod:`dgc.agreement`).
 
 The step is settled as a whole (:mod:`dgc.ledger`): a non-finite gradient in any bucket puts every
-bucket's sent values back into the residuals, and the last callback raises once all are settled.
+bucket's sent values back into the residuals, and the last bucket's call raises once all are settled.
 """
 
 # No `from __future__ import annotations`: DDP inspects the annotation of `bucket` at runtime.
@@ -48,7 +48,7 @@ def ddp_comm_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Fut
     if not state.agreed:  # first call, or after a load: one small collective
         check_agreement(fingerprint(state, names), _gather_objects(state.process_group))
         state.agreed = True
-    session.begin(state, names, buffer)  # previous call of this bucket over; micro-batches replayed
+    session.begin(state, names, buffer)  # synchronized micro-batches replayed
     ledger = session.ledger(state.step)
     session.maybe_decide(state, ledger)  # policy="auto": sparse or dense, per bucket
     layout = state.codec.layout(names)

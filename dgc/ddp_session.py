@@ -39,11 +39,13 @@ class DDPSession:
 
     def __init__(self, state: DGCState) -> None:
         self._state = weakref.ref(state)
-        self._inflight: dict[tuple[str, ...], torch.futures.Future[Any]] = {}
         self._ledger: StepLedger | None = None
         self._sent: dict[str, SentPart] = {}
         self._optimizer_hook: Any = None
-        self._step_flights: list[tuple[Send, torch.futures.Future[Any]]] = []
+        self._flights: list[tuple[Send, torch.futures.Future[Any]]] = []
+        """This step's groups and their futures, until the last bucket's call has waited for them."""
+        self._sends: list[Send] = []
+        """The last finished step's groups (futures dropped: nothing of ours outlives a step)."""
         self.last_groups: list[tuple[str, ...]] = []
         """The buckets (tensor names) of the last step, in launch order."""
         self._last_done = 0.0
@@ -66,9 +68,9 @@ class DDPSession:
 
     # ------------------------------------------------------------------ buckets in flight
     def begin(self, state: DGCState, names: tuple[str, ...], buffer: Tensor) -> None:
-        """A bucket's hook call starts: its previous communication is over, and a micro-batch of the
-        same optimizer step is replayed (:mod:`dgc.accumulation`)."""
-        self.settle(names)
+        """A bucket's hook call starts: a micro-batch of the same optimizer step is replayed
+        (:mod:`dgc.accumulation`).  (Its previous communication is over: the last bucket's call of every
+        step waits for all of them.)"""
         self.micro.before_encode(state, names, buffer)
 
     def topology(self, state: DGCState) -> NodeTopology | None:
@@ -85,32 +87,18 @@ class DDPSession:
         self.micro.optimizer_known = True
         self.micro.optimizer_stepped()
 
-    def settle(self, names: tuple[str, ...]) -> None:
-        """Wait until the previous step's communication of this bucket has finished.
-
-        Normally it has (DDP waits for every bucket's future before the next backward), but when one
-        bucket's callback raised, DDP stops waiting at that bucket and the others' callbacks may still be
-        running, restoring residuals, when the user catches the error and starts the next backward.
-        Their errors were already raised."""
-        fut = self._inflight.pop(names, None)
-        if fut is not None:
-            try:
-                fut.wait()
-            except Exception:  # noqa: BLE001, S110 - reported by the step that raised it
-                pass
-
     def track(self, send: Send, fut: torch.futures.Future[Any]) -> None:
-        self._inflight[send.layout.names] = fut
-        self._step_flights.append((send, fut))
+        self._flights.append((send, fut))
 
     def ledger(self, step: int) -> StepLedger:
         """The :class:`~dgc.ledger.StepLedger` of communication step ``step``."""
         if self._ledger is None or self._ledger.step != step or self._ledger.settled:
             self._ledger = StepLedger(step=step)
             self._sent.clear()
-            if self._step_flights:
-                self.last_groups = [send.layout.names for send, _ in self._step_flights]
-            self._step_flights.clear()
+            if self._sends:
+                self.last_groups = [send.layout.names for send in self._sends]
+            self._sends = []
+            self._flights.clear()
         return self._ledger
 
     def maybe_decide(self, state: DGCState, ledger: StepLedger) -> None:
@@ -138,8 +126,10 @@ class DDPSession:
     def finish_step(self) -> list[str]:
         """From the last bucket's hook call: wait until every bucket of the step has settled and return
         the failures (empty when the step arrived everywhere)."""
-        for _, fut in self._step_flights:
+        for _, fut in self._flights:
             fut.wait()
+        self._sends = [send for send, _ in self._flights]
+        self._flights.clear()
         return list(self._ledger.failures) if self._ledger is not None else []
 
     def fail_step(self, fill: float) -> None:
@@ -149,7 +139,7 @@ class DDPSession:
         state = self.state
         self.forget_sent()
         self.micro.forget()
-        for send, _ in self._step_flights:
+        for send in self._sends:
             send.buffer.fill_(fill)
             for name in send.layout.names:
                 p = None if state is None else state.param_of(name)
