@@ -15,8 +15,10 @@ import torch
 
 from dgc.bench import grad_shapes
 
-from .methods import METHODS
+from .methods import METHODS, SWEEP_METHODS
 from .options import RunOptions
+from .policy_report import policy_report
+from .policy_sweep import PolicySweepOptions, policy_sweep
 from .report import report
 from .results import finite
 from .runner import worker
@@ -29,9 +31,16 @@ log = logging.getLogger("dgc.bench")
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="resnet50", choices=sorted(grad_shapes.MODELS))
-    p.add_argument("--methods", default="all", help=f"comma list of {', '.join(METHODS)}, or all")
-    p.add_argument("--compute", default="real", choices=("real", "synthetic"),
-                   help="real forward/backward on a small random batch, or synthetic gradients")
+    p.add_argument("--methods", default=",".join(SWEEP_METHODS),
+                   help=f"comma list of {', '.join(METHODS)}, or all (default: "
+                        f"{','.join(SWEEP_METHODS)})")
+    p.add_argument("--compute", default="real", choices=("real", "synthetic", "sleep"),
+                   help="real forward/backward on a small random batch, synthetic gradients, or "
+                        "synthetic gradients plus --compute-s of sleep (accelerator time)")
+    p.add_argument("--compute-s", type=float, default=0.1,
+                   help="seconds of modelled compute per step with --compute sleep (default 0.1)")
+    p.add_argument("--interleave", action="store_true",
+                   help="attach every method at once and step them in turn (needs the memory of all)")
     p.add_argument("--batch", type=int, default=4, help="samples per rank (real compute)")
     p.add_argument("--image-side", type=int, default=32, help="image side (real compute)")
     p.add_argument("--seq", type=int, default=8, help="sequence length (real compute, lstm)")
@@ -92,14 +101,37 @@ def parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="CSV/plots again from the JSON of a sweep")
     r.add_argument("--out", default="results/bandwidth")
+
+    ps = sub.add_parser("policy-sweep", help="policy=auto and hierarchy=node vs dense and flat "
+                        "DGC on simulated clusters (root), then policy-report (docs/policy.md)")
+    _common(ps)
+    ps.set_defaults(compute="sleep", interleave=True, methods="")
+    ps.add_argument("--out", default="results/policy", help="output folder")
+    ps.add_argument("--nodes", default="2,4", help="node counts; the first gets every comparison")
+    ps.add_argument("--procs-per-node", type=int, default=2, help="processes per node (>= 2)")
+    ps.add_argument("--slow", default="1gbit", help="the rate-limited link (default 1gbit)")
+    ps.add_argument("--loopback", action="store_true", help="no namespaces (torchrun --standalone)")
+    ps.add_argument("--run-timeout", type=float, default=600, help="seconds per cluster run")
+    ps.add_argument("--budget-s", type=float, default=1380,
+                    help="skip the remaining runs once the next would end past this (default 1380)")
+    ps.add_argument("--check", choices=("fail", "warn", "off"), default="warn")
+
+    pr = sub.add_parser("policy-report", help="policy.json, summary and plots again from a policy sweep")
+    pr.add_argument("--out", default="results/policy")
+
+    t = sub.add_parser("table", help="the cost model's step time for 8-256 GPUs "
+                       "(python -m dgc.bench.bandwidth.scaling --help)")
+    t.add_argument("rest", nargs=argparse.REMAINDER)
     return p
 
 
 def _run_options(args: argparse.Namespace) -> RunOptions:
     return RunOptions(
         model=args.model,
-        methods=tuple(args.methods.split(",")) if args.methods != "all" else tuple(METHODS),
+        methods=_methods(args.methods),
         compute=args.compute,
+        compute_s=args.compute_s,
+        interleave=args.interleave,
         batch=args.batch,
         image_side=args.image_side,
         seq=args.seq,
@@ -113,6 +145,13 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
         iface=getattr(args, "iface", None),
         label=getattr(args, "label", ""),
     )
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    """``--methods``: a comma list, ``all``, or empty (the command's own choice: the policy sweep)."""
+    if text == "all":
+        return tuple(METHODS)
+    return _split(text) or SWEEP_METHODS
 
 
 def _split(text: str) -> tuple[str, ...]:
@@ -151,13 +190,41 @@ def _sweep(args: argparse.Namespace) -> int:
     ))
 
 
+def _policy_sweep(args: argparse.Namespace) -> int:
+    try:
+        nodes = tuple(int(x) for x in _split(args.nodes))
+    except ValueError as e:
+        raise ValueError(f"--nodes {args.nodes!r}: give node counts >= 2, e.g. 2,4") from e
+    return policy_sweep(PolicySweepOptions(
+        out=Path(args.out),
+        worker=_run_options(args),
+        procs_per_node=args.procs_per_node,
+        nodes=nodes,
+        slow=args.slow,
+        budget_s=args.budget_s,
+        run_timeout=args.run_timeout,
+        check=args.check,
+        loopback=args.loopback,
+    ))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["table"]:  # its own options (python -m dgc.bench.bandwidth.scaling)
+        from .scaling import main as table_main
+
+        return table_main(argv[1:])
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     if args.cmd == "worker":
         return _worker(args)
     if args.cmd == "sweep":
         return _sweep(args)
+    if args.cmd == "policy-sweep":
+        return _policy_sweep(args)
+    if args.cmd == "policy-report":
+        log.info("%s", policy_report(Path(args.out)))
+        return 0
     log.info("%s", report(Path(args.out)))
     return 0

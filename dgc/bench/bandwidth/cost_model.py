@@ -1,16 +1,22 @@
 """The cost model with measured parts: how many copies a collective sends, the dedicated-core
-step estimate, and the link rate where a method stops beating dense allreduce (the formula:
-docs/algorithm.md#cost-model)."""
+step estimate, the link rate where a method stops beating dense allreduce (the formula:
+docs/algorithm.md#cost-model), and the step time ``policy="auto"``'s cost model predicts for dense,
+sparse and the node hierarchy (:func:`predict_step`; docs/policy.md).  ``python -m
+dgc.bench.bandwidth.scaling`` prints it for 8-256 GPUs (:mod:`.scaling`)."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["GATHER_METHODS", "break_even", "copies", "copies_of_method", "cross", "estimate_s"]
+from dgc.policy import predict
+
+__all__ = ["GATHER_METHODS", "Network", "Traffic", "break_even", "copies", "copies_of_method",
+           "cross", "estimate_s", "predict_step", "ring_allreduce_s"]
 
 #: Methods whose message travels by allgather (each node sends it to N-1 peers).
-GATHER_METHODS = ("topk", "dgc", "dgc-fp16")
+GATHER_METHODS = ("topk", "dgc", "dgc-fp16", "dgc-node", "dgc@0.25")
 
 
 def copies(ops: list[dict[str, Any]], n: int) -> float:
@@ -84,3 +90,63 @@ def break_even(rows: list[dict[str, Any]], method: str, model: str, nodes: int) 
         out["cost_model_bit_s"] = cross(d["local_cpu_s"], 8 * d["tx_bytes"],
                                         m["local_cpu_s"], 8 * m["tx_bytes"])
     return out
+
+
+# ------------------------------------------------------------------------------------ predictions
+@dataclass(kw_only=True, frozen=True)
+class Network:
+    """What the predictions assume of the network and the codec."""
+
+    processes: int
+    """Workers N (GPUs, or processes here)."""
+    procs_per_node: int
+    """Workers per node L (``hierarchy="node"`` averages inside a node first)."""
+    link_bit_s: float
+    """Each node's link to the others, bit/s per direction."""
+    latency_s: float
+    """Per message hop (half the round trip)."""
+    intra_bit_s: float
+    """Inside a node (NVLink, shared memory; loopback here)."""
+    codec_s: float
+    """Sparse encoding + decoding per step, whole model, one worker."""
+    local_s: float
+    """The rest of the step: compute and optimizer (no overlap with communication assumed)."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class Traffic:
+    """Bytes per worker per step."""
+
+    dense: int
+    """The fp32 gradients, B."""
+    message: int
+    """The flat DGC message M (every worker's, to every other)."""
+    share: int
+    """``hierarchy="node"``: the padded share message W (about M / L)."""
+
+
+def ring_allreduce_s(nbytes: float, n: int, bit_s: float, latency_s: float) -> float:
+    """Ring allreduce of ``nbytes`` over ``n`` workers: 2 (n-1)/n of it through each link."""
+    if n <= 1:
+        return 0.0
+    return 2 * (n - 1) / n * nbytes * 8 / bit_s + 2 * (n - 1) * latency_s
+
+
+def predict_step(net: Network, traffic: Traffic) -> dict[str, float]:
+    """Predicted step seconds of ``dense``, flat ``sparse``, ``auto`` (the faster of the two, as
+    ``policy="auto"`` chooses) and ``node`` (``hierarchy="node"``, sparse): the library's cost
+    model (:func:`dgc.policy.predict`, per step instead of per bucket) plus the rest of the step.
+    On a single node every link is the intra-node one."""
+    n = net.processes
+    bw = (net.intra_bit_s if n <= net.procs_per_node else net.link_bit_s) / 8
+    flat = predict(n, traffic.dense, traffic.message, net.codec_s, bw, net.latency_s)
+    intra = ring_allreduce_s(traffic.dense, net.procs_per_node, net.intra_bit_s, 0.0)
+    node = predict(n, traffic.dense, traffic.share, net.codec_s / net.procs_per_node, bw, net.latency_s)
+    return {
+        "dense": net.local_s + flat.dense,
+        "sparse": net.local_s + flat.sparse,
+        "auto": net.local_s + min(flat.dense, flat.sparse),
+        "auto_choice": "sparse" if flat.choose_sparse else "dense",
+        "node": net.local_s + intra + node.sparse,
+    }
+

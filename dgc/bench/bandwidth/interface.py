@@ -23,6 +23,9 @@ class InterfaceBytes:
     def __sub__(self, other: InterfaceBytes) -> InterfaceBytes:
         return InterfaceBytes(rx=self.rx - other.rx, tx=self.tx - other.tx)
 
+    def __add__(self, other: InterfaceBytes) -> InterfaceBytes:
+        return InterfaceBytes(rx=self.rx + other.rx, tx=self.tx + other.tx)
+
 
 def interface_bytes(iface: str) -> InterfaceBytes:
     """The received and transmitted byte counters of ``iface`` in this network namespace."""

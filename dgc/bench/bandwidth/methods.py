@@ -4,8 +4,10 @@
 training without ``+compress`` runs); ``fp16`` and ``powersgd-r*`` are
 :class:`~dgc.training.torch_hooks.FP16Compression` and
 :class:`~dgc.training.torch_hooks.PowerSGD` (PyTorch's hooks, ``compress=fp16`` /
-``compress=powersgd``); ``topk``, ``dgc`` and ``dgc-fp16`` are
-:class:`~dgc.training.dgc_communication.DGCCommunication` (``compress=topk`` / ``compress=dgc``).
+``compress=powersgd``); ``topk``, ``dgc``, ``dgc-fp16`` and the policy/hierarchy variants
+(``dgc-dense``, ``dgc-auto``, ``dgc-node``, ``dgc@0.25``, ``dgc-auto@0.25``; docs/policy.md) are
+:class:`~dgc.training.dgc_communication.DGCCommunication` (``compress=topk`` / ``compress=dgc``,
+with ``compress.config.policy=...`` / ``compress.config.hierarchy=node``).
 Each also shapes the optimizer as in training (:meth:`Communication.make_optimizer`: DGC with
 momentum gets :class:`dgc.DGCSGD`, the others SGD with momentum 0.9).
 """
@@ -22,13 +24,24 @@ from dgc.training.communication import Allreduce, Communication
 from dgc.training.dgc_communication import DGCCommunication
 from dgc.training.torch_hooks import FP16Compression, PowerSGD
 
-__all__ = ["METHODS", "MethodContext", "MethodSpec", "optimizer_config"]
+__all__ = ["AUTO_INTERVAL", "METHODS", "SWEEP_METHODS", "MethodContext", "MethodSpec", "WARMUP_DENSITY",
+           "least_warmup", "optimizer_config"]
 
 #: PowerSGD's bucket on gloo when none is asked for: one bucket for every model here. PyTorch's
 #: hook launches its second allreduce from a Future callback, and with several buckets gloo
 #: pairs messages of different buckets ("Received data size doesn't match expected size"; see
 #: docs/algorithm.md#collectives-from-the-hook-call). NCCL has no such problem.
 POWERSGD_GLOO_BUCKET_MB = 1024.0
+
+AUTO_INTERVAL = 2
+"""``policy_interval`` of the ``dgc-auto`` methods: the library's default (100 steps) is longer than
+a benchmark run, so the benchmark re-decides every 2 steps."""
+
+WARMUP_DENSITY = 0.25
+"""Density of the warm-up's first stage (0.25 -> 0.0625 -> ... -> 0.001): the ``@0.25`` methods."""
+
+DENSE_STEPS = 2
+"""DGC's dense steps in every DGC method (the link samples of ``policy="auto"``)."""
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -49,6 +62,9 @@ class MethodSpec:
     description: str
     build: Callable[[MethodContext], Communication]
     """A fresh instance of the training loop's class for it (one per run: they hold state)."""
+    warmup: int = 3
+    """Least unmeasured steps: DDP's bucket rebuild after step 1, DGC's 2 dense steps, PowerSGD's 2
+    vanilla steps; ``dgc-auto`` also its first two decisions (the second one with measured codec times)."""
 
 
 def optimizer_config(lr: float) -> DictConfig:
@@ -59,12 +75,23 @@ def optimizer_config(lr: float) -> DictConfig:
     )
 
 
-def _dgc(name: str, **fields: object) -> Callable[[MethodContext], Communication]:
+def least_warmup(names: tuple[str, ...] | list[str]) -> int:
+    """Unmeasured steps the methods ``names`` need (the largest of their :attr:`MethodSpec.warmup`)."""
+    return max((METHODS[n].warmup for n in names), default=3)
+
+
+def _dgc(name: str, density: float = 0.001, **fields: object) -> Callable[[MethodContext], Communication]:
     def build(ctx: MethodContext) -> Communication:
-        config = dgc.DGCConfig(density=0.001, dense_steps=2, log_every=0, **fields)
+        config = dgc.DGCConfig(density=density, dense_steps=DENSE_STEPS, log_every=0, **fields)
         return DGCCommunication(config=config, name=name)
 
     return build
+
+
+#: dgc-auto: the 2 dense steps (link samples), a decision from them and the selection probe, a second
+#: one with the codec times measured meanwhile; measured from the third decision on.
+_AUTO_WARMUP = DENSE_STEPS + 2 * AUTO_INTERVAL
+_AUTO = {"policy": "auto", "policy_interval": AUTO_INTERVAL}
 
 
 def _powersgd(rank: int) -> Callable[[MethodContext], Communication]:
@@ -95,5 +122,23 @@ METHODS: dict[str, MethodSpec] = {
                    description="DGC 0.1%, momentum correction, fp32 values (compress=dgc)"),
         MethodSpec(name="dgc-fp16", build=_dgc("dgc-fp16", momentum=0.9, value_dtype="float16"),
                    description="DGC 0.1%, momentum correction, fp16 values"),
+        MethodSpec(name="dgc-dense", build=_dgc("dgc-dense", momentum=0.9, policy="dense"),
+                   description="DGC's state, every bucket a dense allreduce (compress.config.policy=dense)"),
+        MethodSpec(name="dgc-auto", build=_dgc("dgc-auto", momentum=0.9, **_AUTO),
+                   warmup=_AUTO_WARMUP,
+                   description=f"DGC 0.1%, sparse or dense per bucket from the cost model "
+                               f"(policy=auto, policy_interval={AUTO_INTERVAL})"),
+        MethodSpec(name="dgc-node", build=_dgc("dgc-node", momentum=0.9, hierarchy="node"),
+                   description="DGC 0.1% between nodes, dense inside a node, each local rank its "
+                               "share (compress.config.hierarchy=node)"),
+        MethodSpec(name=f"dgc@{WARMUP_DENSITY:g}", build=_dgc(f"dgc@{WARMUP_DENSITY:g}", WARMUP_DENSITY, momentum=0.9),
+                   description=f"DGC at density {WARMUP_DENSITY:g} (the warm-up's first stage)"),
+        MethodSpec(name=f"dgc-auto@{WARMUP_DENSITY:g}",
+                   build=_dgc(f"dgc-auto@{WARMUP_DENSITY:g}", WARMUP_DENSITY, momentum=0.9, **_AUTO), warmup=_AUTO_WARMUP,
+                   description=f"policy=auto at density {WARMUP_DENSITY:g}"),
     )
 }
+
+SWEEP_METHODS: tuple[str, ...] = ("dense", "fp16", "powersgd-r1", "powersgd-r4", "topk", "dgc", "dgc-fp16")
+"""The methods of the bandwidth sweep (``--methods`` default; ``all`` = every method of :data:`METHODS`,
+the policy sweep picks its own: docs/policy.md)."""

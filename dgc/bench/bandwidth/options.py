@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .methods import METHODS
+from .methods import METHODS, SWEEP_METHODS
 
 __all__ = ["RunOptions"]
 
@@ -15,10 +15,19 @@ class RunOptions:
 
     model: str = "resnet50"
     """A name of ``dgc.bench.grad_shapes.MODELS``."""
-    methods: tuple[str, ...] = tuple(METHODS)
+    methods: tuple[str, ...] = SWEEP_METHODS
     """Names of ``METHODS`` to run, in this order."""
     compute: str = "real"
-    """"real" (the model's forward/backward on a random batch) or "synthetic" (fixed gradients)."""
+    """"real" (the model's forward/backward on a random batch), "synthetic" (fixed gradients) or
+    "sleep" (fixed gradients, and ``compute_s`` of sleep per step standing for accelerator time: a
+    third before the backward, two thirds spread over the backward's tensors, so the CPU stays free
+    for the codec and buckets arrive over the backward as on a GPU)."""
+    compute_s: float = 0.1
+    """Seconds of modelled compute per step with ``compute="sleep"`` (0.1: ResNet-50's forward and
+    backward at batch 32 on one V100-class GPU, about)."""
+    interleave: bool = False
+    """All methods attached at once (one DDP model each) and stepped in turn, step by step, so that a
+    busy machine slows every method alike; False = one method after the other (less memory)."""
     batch: int = 4
     """Samples per rank per step (real compute)."""
     image_side: int = 32
@@ -57,9 +66,12 @@ class RunOptions:
         if self.warmup < 3:
             raise ValueError(
                 f"--warmup {self.warmup} must be >= 3: DGC's 2 dense steps and PowerSGD's 2 "
-                "vanilla steps are not what is measured, and DDP rebuilds its buckets after step 1"
+                "vanilla steps are not what is measured, and DDP rebuilds its buckets after step 1 "
+                "(methods that need more, e.g. dgc-auto, get their own MethodSpec.warmup)"
             )
-        if self.compute not in ("real", "synthetic"):
-            raise ValueError(f"--compute {self.compute!r} must be 'real' or 'synthetic'")
+        if self.compute not in ("real", "synthetic", "sleep"):
+            raise ValueError(f"--compute {self.compute!r} must be 'real', 'synthetic' or 'sleep'")
+        if not self.compute_s >= 0:
+            raise ValueError(f"--compute-s {self.compute_s!r} must be >= 0 (seconds of sleep per step)")
         if self.steps < 1:
             raise ValueError(f"--steps {self.steps} must be >= 1")

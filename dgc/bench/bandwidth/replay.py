@@ -21,9 +21,10 @@ def _sync(device: torch.device) -> None:
 def _buffers(ops: Sequence[dict[str, Any]], device: torch.device) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     buffers = []
     for op in ops:
-        if op["op"] not in ("all_reduce", "all_gather_single"):
+        if op["op"] not in ("all_reduce", "all_gather_single", "broadcast"):
             raise ValueError(f"replay: collective {op['op']!r} is not one a step's hooks launch "
-                             "(all_reduce, all_gather_single); record only the measured steps")
+                             "(all_reduce, all_gather_single, broadcast: policy='auto' sends its "
+                             "decisions from rank 0); record only the measured steps")
         dtype = getattr(torch, op["dtype"])
         buffers.append((
             op["op"],
@@ -54,6 +55,8 @@ def replay(ops: Sequence[dict[str, Any]], device: torch.device, repeats: int,
         for kind, inp, out in buffers:
             if kind == "all_reduce":
                 dist.all_reduce(inp)
+            elif kind == "broadcast":
+                dist.broadcast(inp, src=0)
             else:
                 dist.all_gather_single(out, inp)
         _sync(device)

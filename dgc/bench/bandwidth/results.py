@@ -46,6 +46,8 @@ class MethodResult:
     """The collectives of the last measured step."""
     dgc_stats: dict[str, Any] | None = None
     """``DGCState.stats`` of the last measured step (DGC methods)."""
+    sparse_buckets: list[bool] | None = None
+    """``policy="auto"``: the last decision per bucket, True = sparse (None for other methods)."""
     buckets: list[list[str]] = field(default_factory=list)
     """Parameter names per DDP bucket, in the hook's call order (last measured step; empty for
     ``dense``, which has no hook)."""
@@ -58,7 +60,9 @@ _MERGED = ("step_s", "hook_s", "comm_inflight_s", "comm_replay_s", "tx_bytes", "
 
 
 def merge_ranks(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """One row from every rank's: times and bytes averaged over ranks, each rank's kept too."""
+    """One row from every rank's: times and bytes averaged over ranks, each rank's kept too.
+    ``tx_bytes``/``rx_bytes`` are the node's interface counters, which every rank of a node reads:
+    their mean over ranks is the mean over nodes (every node runs as many processes)."""
     merged = dict(rows[0])
     for key in _MERGED:
         if key in merged:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime
 import gc
-import inspect
 import json
 import logging
 import math
@@ -21,167 +20,28 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dgc.bench import grad_shapes
-from dgc.training.communication import Communication
 
-from .counting import CollectiveRecord, counting_group, init_counting_process_group
-from .hooks import HookTimer
+from .counting import counting_group, init_counting_process_group
 from .interface import barrier_traffic, default_iface, interface_bytes
-from .methods import METHODS, MethodContext, MethodSpec, optimizer_config
+from .interleave import run_interleaved
+from .layout import NodeLayout
+from .methods import METHODS, MethodSpec
 from .options import RunOptions
 from .replay import replay as replay_ops
 from .results import MethodResult, finite, merge_ranks
+from .stepping import AttachedMethod, StepRecords, attach, measure_step, sync, synthetic_directions
 
-__all__ = ["measure_codec", "run_method", "run_worker", "worker"]
+__all__ = ["measure_codec", "method_result", "run_method", "run_worker", "worker"]
 
 log = logging.getLogger("dgc.bench")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _no_buffer_sync() -> dict[str, bool]:
-    """DDP keyword that stops the per-forward broadcast of buffers (BatchNorm statistics would add
-    ~0.2 MB per step to every method): ``forward_sync_buffers`` in new torch, else the older name."""
-    params = inspect.signature(DDP.__init__).parameters
-    key = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
-    return {key: False}
-
-
-def directions(model: nn.Module, rank: int, device: torch.device) -> list[torch.Tensor]:
-    """Fixed random gradient directions of ``rank`` for the synthetic compute."""
-    gen = torch.Generator().manual_seed(12345 + rank)
-    return [
-        torch.randn(p.shape, generator=gen).to(device) for p in model.parameters() if p.requires_grad
-    ]
-
-
-def _synthetic_directions(opts: RunOptions, rank: int,
-                          device: torch.device) -> list[torch.Tensor] | None:
-    if opts.compute != "synthetic":
-        return None
-    with torch.device("meta"):  # shapes only
-        shapes = grad_shapes.build(opts.model)
-    return directions(shapes, rank, device)
-
-
-def inflight_s(records: list[CollectiveRecord]) -> float:
-    """Length of the union of the records' [launch, completion] intervals."""
-    spans = sorted((r.launched_s, r.done_s) for r in records if not math.isnan(r.done_s))
-    total, end = 0.0, -math.inf
-    for a, b in spans:
-        if b > end:
-            total += b - max(a, end)
-            end = b
-    return total
-
-
-# ------------------------------------------------------------------------------------ one method
-@dataclass(kw_only=True, slots=True)
-class _Run:
-    """A method attached to a fresh DDP model, ready to step."""
-
-    comm: Communication
-    timer: HookTimer
-    step: Callable[[], None]
-
-
-def _attach(spec: MethodSpec, opts: RunOptions, device: torch.device, rank: int,
-            direction: list[torch.Tensor] | None) -> _Run:
-    """A fresh model (identical on every rank) in DDP with the method's class attached."""
-    comm = spec.build(MethodContext(backend=counting_group().inner_backend,
-                                    powersgd_bucket_cap_mb=opts.powersgd_bucket_cap_mb))
-    optim = optimizer_config(opts.lr)
-    comm.check(dist_name="ddp", optim=optim)
-    total = opts.warmup + opts.steps
-    comm.configure(steps_per_epoch=total, total_steps=total)
-    model: nn.Module = grad_shapes.build(opts.model, seed=0).to(device)
-    if opts.compute == "synthetic":
-        model = grad_shapes.SyntheticGradients(model, direction or directions(model, rank, device))
-    ddp = DDP(
-        model,
-        device_ids=[device.index] if device.type == "cuda" else None,
-        gradient_as_bucket_view=True,
-        init_sync=False,  # same seed everywhere: skip the 100 MB broadcast per method
-        **{"bucket_cap_mb": opts.bucket_cap_mb, **comm.ddp_kwargs()},
-        **_no_buffer_sync(),
-    )
-    opt = comm.make_optimizer(model.parameters(), optim)
-    timer = HookTimer(ddp)
-    comm.attach_ddp(timer, opt)  # type: ignore[arg-type]  (a DDP stand-in that times the hook)
-    return _Run(comm=comm, timer=timer, step=_step_fn(ddp, opt, opts, device, rank))
-
-
-def _step_fn(ddp: DDP, opt: torch.optim.Optimizer, opts: RunOptions, device: torch.device,
-             rank: int) -> Callable[[], None]:
-    if opts.compute == "real":
-        x, y = grad_shapes.make_batch(opts.model, opts.batch, side=opts.image_side, seq=opts.seq,
-                                      seed=1000 + rank)
-        x, y = x.to(device), y.to(device)
-
-        def loss() -> torch.Tensor:
-            return grad_shapes.real_loss(ddp, x, y)
-    else:  # fixed directions, scaled by a random factor each step
-        scales = torch.Generator().manual_seed(rank)
-
-        def loss() -> torch.Tensor:
-            return ddp(0.5 + float(torch.rand((), generator=scales)))
-
-    def step() -> None:
-        loss().backward()
-        opt.step()
-        opt.zero_grad()
-
-    return step
-
-
-@dataclass(kw_only=True, slots=True)
-class _Steps:
-    """Per measured step: what was timed and counted."""
-
-    wall: list[float] = field(default_factory=list)
-    cpu: list[float] = field(default_factory=list)
-    inflight: list[float] = field(default_factory=list)
-    hook: list[float] = field(default_factory=list)
-    payload: list[int] = field(default_factory=list)
-    collectives: list[int] = field(default_factory=list)
-    ops: list[CollectiveRecord] = field(default_factory=list)
-    """The collectives of the last step."""
-
-
-def _measure(run: _Run, steps: int, device: torch.device) -> _Steps:
-    group = counting_group()
-    out = _Steps()
-    for _ in range(steps):
-        dist.barrier()
-        group.reset()
-        run.timer.reset()
-        group.recording = run.timer.active = True
-        t0, c0 = time.perf_counter(), time.process_time()
-        run.step()
-        _sync(device)
-        out.wall.append(time.perf_counter() - t0)
-        out.cpu.append(time.process_time() - c0)
-        group.recording = run.timer.active = False
-        records = group.records
-        out.inflight.append(inflight_s(records))
-        out.hook.append(run.timer.hook_s)
-        out.payload.append(sum(r.bytes for r in records))
-        out.collectives.append(len(records))
-        out.ops = records
-    return out
 
 
 def _wire_note(result: MethodResult, iface: str, n: int) -> str:
@@ -213,19 +73,36 @@ def run_method(
     n = dist.get_world_size()
     rank = dist.get_rank() if rank is None else rank
     iface = opts.iface or default_iface(counting_group().inner_backend)
-    run = _attach(spec, opts, device, rank, direction)
-    for _ in range(opts.warmup):
+    run = attach(spec, opts, device, rank, direction)
+    for _ in range(max(opts.warmup, spec.warmup)):
         dist.barrier()
         run.step()
-    _sync(device)
+    sync(device)
     barrier = barrier_traffic(iface, steps + 1) if measure_bytes else None
     dist.barrier()
     before = interface_bytes(iface) if measure_bytes else None
-    measured = _measure(run, steps, device)
+    measured = StepRecords()
+    for _ in range(steps):
+        measure_step(run, measured, device)
     dist.barrier()
+    result = method_result(run, measured, n)
+    if barrier is not None and before is not None:
+        moved = interface_bytes(iface) - before
+        result.rx_bytes = (moved.rx - barrier.rx) / steps
+        result.tx_bytes = (moved.tx - barrier.tx) / steps
+        result.barrier_tx_bytes = barrier.tx / steps
+        result.note = _wire_note(result, iface, n)
+    if replay:
+        result.comm_replay_s = replay_ops(result.ops, device, replay, opts.replay_budget_s)
+    return result
+
+
+def method_result(run: AttachedMethod, measured: StepRecords, n: int) -> MethodResult:
+    """This rank's figures of ``run``'s measured steps (medians of times, means of bytes)."""
     stats = run.comm.step_stats()
-    result = MethodResult(
-        method=spec.name,
+    state = run.comm.dgc_state
+    return MethodResult(
+        method=run.spec.name,
         group_size=n,
         step_s=statistics.median(measured.wall),
         step_cpu_s=statistics.median(measured.cpu),
@@ -237,17 +114,17 @@ def run_method(
         collectives=round(statistics.mean(measured.collectives)),
         ops=[r.to_dict() for r in measured.ops],
         buckets=list(run.timer.buckets),
-        dgc_stats=stats.to_dict() if run.comm.dgc_state is not None else None,
+        dgc_stats=stats.to_dict() if state is not None else None,
+        sparse_buckets=_sparse_buckets(state),
     )
-    if barrier is not None and before is not None:
-        moved = interface_bytes(iface) - before
-        result.rx_bytes = (moved.rx - barrier.rx) / steps
-        result.tx_bytes = (moved.tx - barrier.tx) / steps
-        result.barrier_tx_bytes = barrier.tx / steps
-        result.note = _wire_note(result, iface, n)
-    if replay:
-        result.comm_replay_s = replay_ops(result.ops, device, replay, opts.replay_budget_s)
-    return result
+
+
+def _sparse_buckets(state: Any) -> list[bool] | None:
+    """``policy="auto"``: the last decision per bucket (True = sparse); None for other methods."""
+    policy = getattr(state, "policy", None)
+    if policy is None or policy.mode != "auto":
+        return None
+    return [bool(v) for v in policy.decisions.values()]
 
 
 # ------------------------------------------------------------------------------------ the codec
@@ -272,7 +149,7 @@ def measure_codec(opts: RunOptions, backend: str, device: torch.device, rank: in
 
 # ------------------------------------------------------------------------------------ the worker
 def _meta(opts: RunOptions, device: torch.device, iface: str, t_start: float,
-          load_start: tuple[float, float, float]) -> dict[str, Any]:
+          load_start: tuple[float, float, float], layout: NodeLayout) -> dict[str, Any]:
     with torch.device("meta"):
         summary = grad_shapes.shape_summary(grad_shapes.build(opts.model))
     return {
@@ -280,7 +157,11 @@ def _meta(opts: RunOptions, device: torch.device, iface: str, t_start: float,
         "model_description": grad_shapes.MODELS[opts.model].description,
         **summary,
         "dense_fp32_bytes": summary["params"] * 4,
-        "nodes": dist.get_world_size(),
+        "nodes": dist.get_world_size(),  # ranks: one per node in the bandwidth sweep
+        "processes": dist.get_world_size(),
+        "node_count": layout.nodes,  # hosts (by host name)
+        "procs_per_node": layout.procs_per_node,
+        "node_groups": layout.groups,
         "backend": counting_group().inner_backend,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "iface": iface,
@@ -315,28 +196,40 @@ def run_worker(opts: RunOptions, out: Path | None, *, device: torch.device | Non
     rank, n = dist.get_rank(), dist.get_world_size()
     iface = opts.iface or default_iface(counting_group().inner_backend)
     interface_bytes(iface)  # fail now, not after the first method, if it does not exist
-    direction = _synthetic_directions(opts, rank, device)
+    layout = NodeLayout.of_run()  # checks that torchrun's LOCAL_WORLD_SIZE matches the hosts
+    direction = synthetic_directions(opts, rank, device)
     t_start, load_start = time.perf_counter(), os.getloadavg()
     rows: list[dict[str, Any]] = []
-    for name in opts.methods:
-        row = asdict(run_method(METHODS[name], opts, device=device, direction=direction))
-        gc.collect()  # free the previous model, its DDP buckets and the method's state
-        row.update((codec or {}).get(name, {}))
+    if opts.interleave:
+        results = run_interleaved([METHODS[m] for m in opts.methods], opts, device=device,
+                                  direction=direction, result=method_result)
+    else:
+        results = (_one(METHODS[m], opts, device, direction) for m in opts.methods)
+    for res in results:
+        row = asdict(res)
+        row.update((codec or {}).get(res.method, {}))
         gathered: list[Any] = [None] * n
         dist.all_gather_object(gathered, row)
         if rank == 0:
             rows.append(merge_ranks(gathered))
             r = rows[-1]
-            log.info("[bench] %-12s step %8.1f ms  comm(replay) %8.1f ms  tx %9.3f MB/step  "
-                     "payload %9.3f MB", name, r["step_s"] * 1e3, r["comm_replay_s"] * 1e3,
+            log.info("[bench] %-14s step %8.1f ms  comm(replay) %8.1f ms  tx %9.3f MB/step  "
+                     "payload %9.3f MB", res.method, r["step_s"] * 1e3, r["comm_replay_s"] * 1e3,
                      r["tx_bytes"] / 1e6, r["payload_bytes"] / 1e6)
     if rank != 0:
         return None
     _add_codec(rows)
-    result = {"meta": _meta(opts, device, iface, t_start, load_start), "methods": rows}
+    result = {"meta": _meta(opts, device, iface, t_start, load_start, layout), "methods": rows}
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(finite(result), indent=1))
+    return result
+
+
+def _one(spec: MethodSpec, opts: RunOptions, device: torch.device,
+         direction: list[torch.Tensor] | None) -> MethodResult:
+    result = run_method(spec, opts, device=device, direction=direction)
+    gc.collect()  # free the model, its DDP buckets and the method's state before the next one
     return result
 
 
@@ -354,7 +247,7 @@ def worker(opts: RunOptions, backend: str, out: Path | None, timeout_s: float) -
     opts.check()
     device = _device(backend)
     rank = int(os.environ.get("RANK", "0"))
-    direction = _synthetic_directions(opts, rank, device)
+    direction = synthetic_directions(opts, rank, device)
     codec = measure_codec(opts, backend, device, rank, direction) if opts.local_steps else None
     init_counting_process_group(backend, init_method="env://",
                                 timeout=datetime.timedelta(seconds=timeout_s))

@@ -21,7 +21,8 @@ from dgc.bench import simcluster
 from .options import RunOptions
 from .report import RUNS_DIR, report
 
-__all__ = ["RunSpec", "SweepOptions", "grid", "sweep", "worker_argv"]
+__all__ = ["RunSpec", "SweepOptions", "grid", "record", "run_one", "run_simcluster", "sweep",
+           "worker_argv"]
 
 log = logging.getLogger("dgc.bench")
 
@@ -40,10 +41,23 @@ class RunSpec:
     compute: str
     local_steps: int
     """0 = no codec run (the report then takes codec_s from another run of the same model and N)."""
+    procs_per_node: int = 1
+    """Processes per node (``torchrun --nproc_per_node``; it sets ``LOCAL_WORLD_SIZE``, where
+    ``hierarchy="node"`` finds the nodes)."""
+    methods: tuple[str, ...] | None = None
+    """The methods of this run; None = the sweep's (``RunOptions.methods``)."""
+    tag: str = ""
+    """Appended to the run's name (two runs of the same cluster, e.g. two densities)."""
 
     @property
     def name(self) -> str:
-        return f"{self.model}-n{self.nodes}-{self.rate}"
+        procs = f"x{self.procs_per_node}" if self.procs_per_node > 1 else ""
+        tag = f"-{self.tag}" if self.tag else ""
+        return f"{self.model}-n{self.nodes}{procs}-{self.rate}{tag}"
+
+    @property
+    def processes(self) -> int:
+        return self.nodes * self.procs_per_node
 
 
 @dataclass(kw_only=True, slots=True)
@@ -100,8 +114,10 @@ def worker_argv(w: RunOptions, run: RunSpec, out: Path, threads: int) -> list[st
     return [
         *WORKER_MODULE[2:],
         "--model", run.model,
-        "--methods", ",".join(w.methods),
+        "--methods", ",".join(run.methods or w.methods),
         "--compute", run.compute,
+        "--compute-s", str(w.compute_s),
+        *(["--interleave"] if w.interleave else []),
         "--batch", str(w.batch),
         "--image-side", str(w.image_side),
         "--seq", str(w.seq),
@@ -125,7 +141,7 @@ def _torchrun(nodes_args: list[str], args: list[str]) -> list[str]:
 
 
 def _run_loopback(run: RunSpec, args: list[str], env_extra: dict[str, str], timeout: float) -> bool:
-    cmd = _torchrun(["--standalone", "--nproc_per_node", str(run.nodes)], args)
+    cmd = _torchrun(["--standalone", "--nproc_per_node", str(run.processes)], args)
     try:
         proc = subprocess.run(cmd, env={**os.environ, **env_extra}, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
@@ -159,8 +175,10 @@ def _measure(cluster: simcluster.SimCluster, check: str, name: str) -> dict[str,
     return {} if m is None else {"measured_bit_s": m.throughput_bit_s, "rtt_s": m.rtt_s}
 
 
-def _run_simcluster(run: RunSpec, args: list[str], env_extra: dict[str, str],
-                    opts: SweepOptions) -> tuple[bool, dict[str, Any]]:
+def run_simcluster(run: RunSpec, args: list[str], env_extra: dict[str, str],
+                   opts: SweepOptions) -> tuple[bool, dict[str, Any]]:
+    """The worker (``args``) under torchrun on every node of a fresh simulated cluster for ``run``
+    (always torn down); ``(every node exited 0, the link as asked and measured)``."""
     cfg = simcluster.SimClusterConfig(
         nodes=run.nodes,
         bandwidth_bit_s=simcluster.parse_rate(run.rate),
@@ -168,7 +186,8 @@ def _run_simcluster(run: RunSpec, args: list[str], env_extra: dict[str, str],
     )
     link: dict[str, Any] = {"simulated": True, "asked_bit_s": cfg.bandwidth_bit_s,
                             "delay_s": cfg.delay_s}
-    cmd = _torchrun(["--nnodes", "{nnodes}", "--node_rank", "{node_rank}", "--nproc_per_node", "1",
+    cmd = _torchrun(["--nnodes", "{nnodes}", "--node_rank", "{node_rank}",
+                     "--nproc_per_node", str(run.procs_per_node),
                      "--master_addr", "{master_addr}", "--master_port", "{master_port}"], args)
     try:
         with simcluster.SimCluster(cfg) as cluster:
@@ -181,12 +200,32 @@ def _run_simcluster(run: RunSpec, args: list[str], env_extra: dict[str, str],
         return False, link
 
 
-def _record(path: Path, run: RunSpec, link: dict[str, Any], wall_s: float) -> None:
+def record(path: Path, run: RunSpec, link: dict[str, Any], wall_s: float) -> None:
     """Add what only the sweep knows to the run's JSON: the link and the wall time."""
     data = json.loads(path.read_text())
     data["meta"].update(link=link, rate=run.rate, wall_s=wall_s,
                         host=platform.node())  # the nodes have host names node<i> of their own
     path.write_text(json.dumps(data, indent=1))
+
+
+def run_one(run: RunSpec, opts: SweepOptions, path: Path) -> float | None:
+    """One cluster run (simulated, or loopback) writing ``path``; its wall seconds, None if it failed."""
+    threads = max(1, (os.cpu_count() or 1) // run.processes)
+    env = {"OMP_NUM_THREADS": str(threads)}
+    args = worker_argv(opts.worker, run, path, threads)
+    path.unlink(missing_ok=True)
+    started = time.monotonic()
+    if opts.loopback:
+        ok, link = _run_loopback(run, args, env, opts.run_timeout), {
+            "simulated": False, "asked_bit_s": None}
+    else:
+        ok, link = run_simcluster(run, args, env, opts)
+    if not ok or not path.exists():
+        log.error("=== %s FAILED", run.name)
+        return None
+    wall = time.monotonic() - started
+    record(path, run, link, wall)
+    return wall
 
 
 def sweep(opts: SweepOptions) -> int:
@@ -208,23 +247,12 @@ def sweep(opts: SweepOptions) -> int:
                      "%.0f", run.name, elapsed, run.nodes, slowest, opts.budget_s)
             skipped.append(run.name)
             continue
-        threads = max(1, (os.cpu_count() or 1) // run.nodes)
-        env = {"OMP_NUM_THREADS": str(threads)}
-        args = worker_argv(opts.worker, run, path, threads)
         log.info("=== %s (%.0f s into the sweep)", run.name, elapsed)
-        path.unlink(missing_ok=True)
-        started = time.monotonic()
-        if opts.loopback:
-            ok, link = _run_loopback(run, args, env, opts.run_timeout), {
-                "simulated": False, "asked_bit_s": None}
-        else:
-            ok, link = _run_simcluster(run, args, env, opts)
-        if not ok or not path.exists():
+        wall = run_one(run, opts, path)
+        if wall is None:
             failures += 1
-            log.error("=== %s FAILED", run.name)
             continue
-        walls[run.nodes] = max(slowest, time.monotonic() - started)
-        _record(path, run, link, time.monotonic() - started)
+        walls[run.nodes] = max(slowest, wall)
     total = time.monotonic() - t0
     log.info("=== sweep done in %.0f s (%d failed, %d skipped runs)", total, failures, len(skipped))
     log.info("%s", report(opts.out, sweep_seconds=total, skipped=skipped))
