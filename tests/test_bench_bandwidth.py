@@ -220,3 +220,171 @@ def csvrows(path: Path):
 
     with open(path, newline="") as f:
         yield from csv.DictReader(f)
+
+
+# ------------------------------------------------------------ policy and hierarchy (issue 13)
+POLICY_METHODS = ["dgc-dense", "dgc-auto", "dgc-node", "dgc@0.25", "dgc-auto@0.25"]
+
+
+def test_method_registry_has_policy_and_hierarchy_methods() -> None:
+    from dgc.bench.bandwidth.methods import AUTO_INTERVAL, DENSE_STEPS, MethodContext, least_warmup
+
+    for name in POLICY_METHODS:
+        assert name in bandwidth.METHODS
+    ctx = MethodContext(backend="gloo")
+    cfg = {name: bandwidth.METHODS[name].build(ctx).config for name in ["dgc", *POLICY_METHODS]}
+    assert cfg["dgc"].policy == "sparse" and cfg["dgc"].hierarchy == "flat"
+    assert cfg["dgc-dense"].policy == "dense"
+    assert cfg["dgc-node"].hierarchy == "node" and cfg["dgc-node"].policy == "sparse"
+    for name in ("dgc-auto", "dgc-auto@0.25"):
+        assert cfg[name].policy == "auto" and cfg[name].policy_interval == AUTO_INTERVAL
+        # dense steps measured first, then two decisions before the first measured step
+        assert bandwidth.METHODS[name].warmup >= DENSE_STEPS + 2 * AUTO_INTERVAL
+    assert cfg["dgc@0.25"].density == cfg["dgc-auto@0.25"].density == 0.25
+    assert cfg["dgc-auto"].density == cfg["dgc"].density == 0.001
+    assert least_warmup(["dense", "dgc"]) == 3
+    assert least_warmup(["dense", "dgc-auto"]) == bandwidth.METHODS["dgc-auto"].warmup
+    with pytest.raises(ValueError, match="--compute"):
+        bandwidth.RunOptions(compute="gpu").check()
+
+
+def test_node_groups_from_the_cluster_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dgc.bench.bandwidth.layout import NodeLayout, cluster_node_groups, groups_from_hosts
+    from dgc.hierarchy import node_groups_from_env
+
+    assert cluster_node_groups(2, 2) == [[0, 1], [2, 3]]
+    assert cluster_node_groups(3, 1) == [[0], [1], [2]]
+    hosts = ["node0", "node0", "node1", "node1"]
+    assert groups_from_hosts(hosts) == [[0, 1], [2, 3]]
+    layout = NodeLayout.check(hosts, local_world_size=2)
+    assert (layout.nodes, layout.procs_per_node) == (2, 2)
+    # what torchrun's LOCAL_WORLD_SIZE makes the library see is the cluster's layout
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert node_groups_from_env(4) == layout.groups == cluster_node_groups(2, 2)
+    with pytest.raises(ValueError, match="LOCAL_WORLD_SIZE=2"):  # ranks not node by node
+        NodeLayout.check(["node0", "node1", "node0", "node1"], local_world_size=2)
+    with pytest.raises(ValueError, match="LOCAL_WORLD_SIZE=1"):
+        NodeLayout.check(hosts, local_world_size=1)
+    assert NodeLayout.check(["h"] * 4, local_world_size=None).groups == [[0, 1, 2, 3]]
+
+
+def test_policy_sweep_plan_runs_several_processes_per_node() -> None:
+    from dgc.bench.bandwidth.policy_sweep import PolicySweepOptions, plan
+
+    runs = plan(PolicySweepOptions(nodes=(2, 4), procs_per_node=2))
+    assert [r.name for r in runs] == ["resnet50-n2x2-unlimited", "resnet50-n2x2-1gbit",
+                                      "resnet50-n4x2-1gbit"]
+    assert [r.processes for r in runs] == [4, 4, 8]
+    assert {"dense", "dgc", "dgc-auto", "dgc@0.25", "dgc-auto@0.25"} <= set(runs[0].methods)
+    assert {"dense", "dgc", "dgc-auto", "dgc-node"} <= set(runs[1].methods)
+    assert runs[0].local_steps > 0 and runs[1].local_steps == 0
+    with pytest.raises(ValueError, match="procs-per-node"):
+        plan(PolicySweepOptions(procs_per_node=1))
+
+
+def test_cost_model_step_prediction_is_the_library_formula() -> None:
+    from dgc.bench.bandwidth.cost_model import Network, Traffic, predict_step
+    from dgc.policy import predict
+
+    net = Network(processes=4, procs_per_node=2, link_bit_s=1e9, latency_s=1e-4, intra_bit_s=1e10,
+                  codec_s=0.05, local_s=0.1)
+    tr = Traffic(dense=100_000_000, message=400_000, share=210_000)
+    p = predict_step(net, tr)
+    lib = predict(4, tr.dense, tr.message, 0.05, 1e9 / 8, 1e-4)
+    assert p["dense"] == pytest.approx(0.1 + 1.5 * 0.8 + 6e-4)  # ring: 2 (N-1)/N of 800 Mbit
+    assert p["dense"] == pytest.approx(0.1 + lib.dense)
+    assert p["sparse"] == pytest.approx(0.1 + lib.sparse) == pytest.approx(0.1 + 3 * 0.0032 + 3e-4 + 0.05)
+    assert p["auto"] == min(p["dense"], p["sparse"]) and p["auto_choice"] == "sparse"
+    # node: intra-node allreduce of the whole gradient + the share messages, half the codec
+    assert p["node"] == pytest.approx(0.1 + 0.08 + 3 * 210_000 * 8 / 1e9 + 3e-4 + 0.025)
+
+
+def _message_bytes(numels: list[int], ks: list[int]) -> int:
+    """The wire format of docs/wire.md, independently: 4 + index + 4 (K + D), padded to 8; the
+    index is the smaller of int32 (4K) and block16 (4B + 2K rounded up to 4), or the bitmap."""
+    span, k = sum(numels), sum(ks)
+    dense = sum(n for n, kk in zip(numels, ks, strict=True) if kk == 0)
+    blocks = -(-span // 65536)
+    index = min(4 * k, 4 * blocks + (2 * k + 3) // 4 * 4, (-(-span // 8) + 3) // 4 * 4)
+    return (4 + index + 4 * (k + dense) + 7) // 8 * 8
+
+
+def test_scaling_table_traffic_and_predictions(capsys: pytest.CaptureFixture[str]) -> None:
+    from dgc.bench.bandwidth import scaling
+
+    tr = scaling.traffic_of("resnet50", 0.001, 8)
+    assert tr.dense == 4 * 25_557_032
+    with torch.device("meta"):
+        params = [(n, p.numel(), p.dim()) for n, p in grad_shapes.build("resnet50").named_parameters()]
+    sizes = {n: (numel, dim) for n, numel, dim in params}
+    expected = 0
+    for names in scaling._buckets([(n, numel) for n, numel, _ in params], 25 * 1024 * 1024):
+        numels = [sizes[n][0] for n in names]
+        ks = [math.ceil(0.001 * sizes[n][0]) if sizes[n][1] > 1 and sizes[n][0] >= 1024 else 0
+              for n in names]
+        expected += _message_bytes(numels, ks)
+    assert tr.message == expected
+    assert 360_000 < tr.message < 380_000  # the measured payload of the bandwidth sweep: 371,272
+    assert tr.message / 8 < tr.share < tr.message  # padded shares: more than an eighth each
+
+    rows = scaling.table(tr, codec_s=0.005, compute_s=0.1, latency_s=1e-5, intra_gbit=1200)
+    assert len(rows) == 12 and {r.gpus for r in rows} == set(scaling.GPUS)
+    for rate in scaling.RATES_GBIT:
+        rr = [r for r in rows if r.link_gbit == rate and r.nodes > 1]
+        assert [r.sparse_s for r in rr] == sorted(r.sparse_s for r in rr)  # grows with workers
+        for r in rr:
+            assert r.auto_s == min(r.dense_s, r.sparse_s) > 0.1
+            assert r.auto_choice == ("sparse" if r.sparse_s < r.dense_s else "dense")
+            assert (r.switch_gbit > rate) == (r.auto_choice == "sparse")
+    # at 25 Gbit/s a 100 MB allreduce costs > 50 ms; 0.37 MB x 15 peers far less
+    r16 = next(r for r in rows if r.gpus == 16 and r.link_gbit == 25)
+    assert r16.dense_s - 0.1 > 0.05 and r16.auto_choice == "sparse"
+    assert scaling.main(["--table", "--codec-ms", "5"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("| 25 Gbit/s |") == 6 and out.count("| 100 Gbit/s |") == 6
+    assert "371,296" in out or f"{tr.message:,}" in out
+
+
+def test_policy_goals_from_rows() -> None:
+    from dgc.bench.bandwidth.policy_report import goals
+
+    def row(rate: str, method: str, step: float, tx: float = 1.0) -> dict:
+        return {"nodes": 2, "rate": rate, "method": method, "step_s": step, "tx_bytes": tx}
+
+    rows = [row("unlimited", "dense", 1.0), row("unlimited", "dgc-auto", 1.02),
+            row("unlimited", "dgc-auto@0.25", 1.2), row("1gbit", "dense", 2.0),
+            row("1gbit", "dgc", 1.0, 4.0), row("1gbit", "dgc-auto", 1.04),
+            row("1gbit", "dgc-node", 0.9, 2.5)]
+    met = {g["goal"]: g["met"] for g in goals(rows)}
+    assert list(met.values()) == [True, False, True, False, False, True]
+
+
+@pytest.mark.timeout(150)
+def test_worker_interleaved_policy_methods(tmp_path: Path) -> None:
+    out = tmp_path / "run.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("GLOO_SOCKET_IFNAME", None)
+    methods = ["dense", "dgc", *POLICY_METHODS]
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(ROOT / "launch" / "bench_bandwidth.py"), "worker", "--model", "tiny", "--interleave",
+        "--compute", "sleep", "--compute-s", "0.01", "--methods", ",".join(methods), "--steps", "2",
+        "--local-steps", "0", "--replay", "1", "--replay-budget-s", "0", "--threads", "1",
+        "--out", str(out),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=140, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["meta"]["node_groups"] == [[0, 1]] and data["meta"]["procs_per_node"] == 2
+    by = {m["method"]: m for m in data["methods"]}
+    assert list(by) == methods
+    for m in by.values():
+        assert m["step_s"] >= 0.01 and m["tx_bytes"] > 0  # the sleep is in every step
+    dense = 4 * 7224
+    assert by["dense"]["payload_bytes"] == by["dgc-dense"]["payload_bytes"] == dense
+    assert by["dgc"]["payload_bytes"] < by["dgc@0.25"]["payload_bytes"] < dense
+    for name in ("dgc-auto", "dgc-auto@0.25"):
+        assert by[name]["sparse_buckets"] is not None and len(by[name]["sparse_buckets"]) >= 1
+        sparse = all(by[name]["sparse_buckets"])
+        assert sparse == any(op["op"] == "all_gather_single" for op in by[name]["ops"])
+    assert by["dgc"]["sparse_buckets"] is None

@@ -174,6 +174,9 @@ def _plots(rows: list[dict[str, Any]], out: Path) -> None:
         ax.bar([x - 0.2 for x in xs], [(r["step_s"] or 0) * 1e3 for r in rr], 0.4, label="measured")
         ax.bar([x + 0.2 for x in xs], [(r["predicted_s"] or 0) * 1e3 for r in rr], 0.4, label="cost model")
         ax.set_xticks(list(xs), [r["method"] for r in rr], rotation=30, fontsize=8)
+        steps = [r["step_s"] for r in rr if r["step_s"]]
+        if steps and max(steps) > 5 * min(steps):
+            ax.set_yscale("log")
         ax.set_title(run, fontsize=10)
         ax.grid(True, axis="y", alpha=0.3)
     axes[0][0].set_ylabel("step time (ms)")

@@ -8,8 +8,8 @@ tells ``hierarchy="node"`` where the nodes are; the worker checks it against the
 methods (step ``s`` of every method before step ``s + 1`` of any).  The runs, in this order:
 
 =========================  =====================================================================
-``<model>-n2xP-unlimited``  dense, dgc, dgc-auto, dgc@0.25, dgc-auto@0.25 (and the one-rank codec
-                            runs that the predictions use)
+``<model>-n2xP-unlimited``  dense, dgc-dense, dgc, dgc-auto, dgc@0.25, dgc-auto@0.25 (and the
+                            one-rank codec runs that the predictions use)
 ``<model>-n2xP-1gbit``      dense, dgc, dgc-auto, dgc-node
 ``<model>-nNxP-1gbit``      dgc, dgc-node, for each further node count (inter-node bytes vs nodes)
 =========================  =====================================================================
@@ -38,7 +38,8 @@ __all__ = ["PolicySweepOptions", "plan", "policy_sweep"]
 
 log = logging.getLogger("dgc.bench")
 
-UNLIMITED_METHODS = ("dense", "dgc", "dgc-auto", f"dgc@{WARMUP_DENSITY:g}", f"dgc-auto@{WARMUP_DENSITY:g}")
+UNLIMITED_METHODS = ("dense", "dgc-dense", "dgc", "dgc-auto", f"dgc@{WARMUP_DENSITY:g}",
+                     f"dgc-auto@{WARMUP_DENSITY:g}")
 SLOW_METHODS = ("dense", "dgc", "dgc-auto", "dgc-node")
 NODE_METHODS = ("dgc", "dgc-node")
 
