@@ -79,6 +79,11 @@ def _predict(meta: dict[str, Any], method: str, local: dict[str, dict[str, float
     return float(predict_step(net, traffic[density])[kind])
 
 
+def _run_label(meta: dict[str, Any]) -> str:
+    tag = f"-{meta['tag']}" if meta.get("tag") else ""
+    return f"n{meta['node_count']}x{meta['procs_per_node']}-{meta.get('rate')}{tag}"
+
+
 def policy_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (run, method) with the measured figures and the prediction."""
     local, intra, traffic = _local(runs), _intra_bit_s(runs), {}
@@ -87,7 +92,7 @@ def policy_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         meta = run["meta"]
         for m in run["methods"]:
             rows.append({
-                "run": meta.get("run_name") or f"n{meta['node_count']}x{meta['procs_per_node']}-{meta.get('rate')}",
+                "run": _run_label(meta), "tag": meta.get("tag") or "",
                 "model": meta["model"], "nodes": meta["node_count"], "procs_per_node": meta["procs_per_node"],
                 "rate": meta.get("rate"), "link_measured_bit_s": (meta.get("link") or {}).get("measured_bit_s"),
                 "method": m["method"], "step_s": num(m.get("step_s")),
@@ -100,7 +105,9 @@ def policy_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _find(rows: list[dict[str, Any]], nodes: int, rate: str, method: str) -> dict[str, Any] | None:
-    return next((r for r in rows if r["nodes"] == nodes and r["rate"] == rate and r["method"] == method), None)
+    """The row of the main run (no tag) of ``nodes`` at ``rate``."""
+    return next((r for r in rows if r["nodes"] == nodes and r["rate"] == rate and r["method"] == method
+                 and not r.get("tag")), None)
 
 
 def _goal(name: str, value: float | None, target: str, met: bool | None, detail: str) -> dict[str, Any]:
@@ -207,13 +214,14 @@ def policy_report(out: Path, sweep_seconds: float | None = None, skipped: list[s
     runs = [r for r in runs if r.get("methods")]
     if not runs:
         raise FileNotFoundError(f"no runs in {out / RUNS_DIR}: run the policy sweep first")
-    runs.sort(key=lambda r: (r["meta"]["node_count"], (r["meta"].get("link") or {}).get("asked_bit_s") or 0))
+    runs.sort(key=lambda r: (bool(r["meta"].get("tag")), r["meta"]["node_count"],
+                             (r["meta"].get("link") or {}).get("asked_bit_s") or 0))
     rows = policy_rows(runs)
     gl = goals(rows)
     if sweep_seconds is None and (out / "policy.json").exists():
         old = json.loads((out / "policy.json").read_text())
         sweep_seconds, skipped = old.get("sweep_seconds"), old.get("skipped")
-    meta = [{k: r["meta"].get(k) for k in ("model", "node_count", "procs_per_node", "node_groups", "rate",
+    meta = [{k: r["meta"].get(k) for k in ("run_name", "tag", "model", "node_count", "procs_per_node", "node_groups", "rate",
                                             "link", "compute", "options", "loadavg", "loadavg_end",
                                             "seconds", "wall_s")} for r in runs]
     (out / "policy.json").write_text(json.dumps(

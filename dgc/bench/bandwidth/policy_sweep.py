@@ -8,10 +8,12 @@ tells ``hierarchy="node"`` where the nodes are; the worker checks it against the
 methods (step ``s`` of every method before step ``s + 1`` of any).  The runs, in this order:
 
 =========================  =====================================================================
-``<model>-n2xP-unlimited``  dense, dgc-dense, dgc, dgc-auto, dgc@0.25, dgc-auto@0.25 (and the
-                            one-rank codec runs that the predictions use)
+``<model>-n2xP-unlimited``  dense, dgc, dgc-auto, dgc@0.25, dgc-auto@0.25 (and the one-rank codec
+                            runs that the predictions use)
 ``<model>-n2xP-1gbit``      dense, dgc, dgc-auto, dgc-node
 ``<model>-nNxP-1gbit``      dgc, dgc-node, for each further node count (inter-node bytes vs nodes)
+``...-unlimited-dense-path`` dense, dgc-dense, dgc-auto@0.25: DDP's allreduce against DGC's dense
+                            path (what ``auto`` runs when it goes dense)
 =========================  =====================================================================
 
 ``--budget-s`` skips the remaining runs once the next one would end past it (estimated from the
@@ -38,8 +40,10 @@ __all__ = ["PolicySweepOptions", "plan", "policy_sweep"]
 
 log = logging.getLogger("dgc.bench")
 
-UNLIMITED_METHODS = ("dense", "dgc-dense", "dgc", "dgc-auto", f"dgc@{WARMUP_DENSITY:g}",
-                     f"dgc-auto@{WARMUP_DENSITY:g}")
+UNLIMITED_METHODS = ("dense", "dgc", "dgc-auto", f"dgc@{WARMUP_DENSITY:g}", f"dgc-auto@{WARMUP_DENSITY:g}")
+DENSE_PATH_METHODS = ("dense", "dgc-dense", f"dgc-auto@{WARMUP_DENSITY:g}")
+"""The last run: DDP's own allreduce against DGC's dense path (what ``auto`` runs when it goes dense),
+in a cluster of its own (a sixth method in the first run needs more memory than 2 cores' VM has)."""
 SLOW_METHODS = ("dense", "dgc", "dgc-auto", "dgc-node")
 NODE_METHODS = ("dgc", "dgc-node")
 
@@ -79,6 +83,8 @@ def plan(opts: PolicySweepOptions) -> list[RunSpec]:
     ]
     runs += [RunSpec(nodes=n, rate=opts.slow, local_steps=0, methods=NODE_METHODS, **common)
              for n in opts.nodes[1:]]
+    runs.append(RunSpec(nodes=first, rate="unlimited", local_steps=0, methods=DENSE_PATH_METHODS,
+                        tag="dense-path", **common))
     return runs
 
 

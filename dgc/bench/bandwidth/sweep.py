@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dgc.bench import simcluster
+from dgc.bench.simcluster.signals import handle_signals
 
 from .options import RunOptions
 from .report import RUNS_DIR, report
@@ -189,8 +190,8 @@ def run_simcluster(run: RunSpec, args: list[str], env_extra: dict[str, str],
     cmd = _torchrun(["--nnodes", "{nnodes}", "--node_rank", "{node_rank}",
                      "--nproc_per_node", str(run.procs_per_node),
                      "--master_addr", "{master_addr}", "--master_port", "{master_port}"], args)
-    try:
-        with simcluster.SimCluster(cfg) as cluster:
+    try:  # SIGTERM/SIGINT/SIGHUP unwind through the cluster's teardown (namespaces deleted)
+        with handle_signals(), simcluster.SimCluster(cfg) as cluster:
             link.update(_measure(cluster, opts.check, run.name))
             result = cluster.run(cmd, timeout_s=opts.run_timeout, on_line=_node_line,
                                  extra_env=env_extra)
@@ -203,7 +204,7 @@ def run_simcluster(run: RunSpec, args: list[str], env_extra: dict[str, str],
 def record(path: Path, run: RunSpec, link: dict[str, Any], wall_s: float) -> None:
     """Add what only the sweep knows to the run's JSON: the link and the wall time."""
     data = json.loads(path.read_text())
-    data["meta"].update(link=link, rate=run.rate, wall_s=wall_s,
+    data["meta"].update(link=link, rate=run.rate, wall_s=wall_s, run_name=run.name, tag=run.tag,
                         host=platform.node())  # the nodes have host names node<i> of their own
     path.write_text(json.dumps(data, indent=1))
 
