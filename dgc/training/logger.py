@@ -95,7 +95,10 @@ class MetricsLogger:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.path = out / self.jsonl
+        cut = append and self.path.exists() and not self.path.read_bytes().endswith(b"\n")
         self._file = open(self.path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115
+        if cut and self.path.stat().st_size:  # a line cut off by a crash must not swallow the next
+            self._file.write("\n")
         if self.wandb_config is not None:
             import wandb
 

@@ -31,13 +31,14 @@ from torch import Tensor, nn
 
 from dgc.training.batches import ShardedBatches
 from dgc.training.build import build, build_communication, build_runtime
-from dgc.training.checkpoint import load_checkpoint, save_checkpoint
+from dgc.training.checkpoint import load_checkpoint, resume_source, save_checkpoint
 from dgc.training.checks import check_pairing, check_resume
 from dgc.training.clipping import LocalGradClip
 from dgc.training.communication import Communication
 from dgc.training.compiled import check_compile, compile_model, explain
 from dgc.training.data import Data, Split
 from dgc.training.dgc_communication import DGCCommunication
+from dgc.training.faults import maybe_fail
 from dgc.training.logger import MetricsLogger, progress
 from dgc.training.metrics import TaskMeter, Traffic
 from dgc.training.precision import Precision, check_communication, prepare_communication
@@ -158,6 +159,7 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         self.out_dir = Path(self.runtime.broadcast_object(s.out_dir if ctx.is_main else None))  # SYNC
         self.ckpt_dir = self.runtime.broadcast_object(s.checkpoint.dir if ctx.is_main else None)  # SYNC
+        self.resume = resume_source(s.resume, self.ckpt_dir)  # "auto": the newest checkpoint, if any
 
     def _setup_model(self, parts: Parts) -> None:
         """Activation surgery first (it may replace modules, and everything after must see the
@@ -191,7 +193,8 @@ class Trainer:
                 epochs=s.epochs, steps_per_epoch=self.steps_per_epoch, batch_size=s.batch_size,
                 config_file=str(config_file))))
         self.metrics.open(self.out_dir, enabled=ctx.is_main,
-                          config=OmegaConf.to_container(self.cfg, resolve=True), append=False)
+                          config=OmegaConf.to_container(self.cfg, resolve=True),
+                          append=self.resume is not None)  # a resumed run continues its metrics
 
     @property
     def n_params(self) -> int:
@@ -229,9 +232,9 @@ class Trainer:
     def load_checkpoint(self) -> Saved | None:
         """Resume, part 1 (``train.resume``): read this rank's checkpoint, check it fits this run,
         load the model weights (pruning masks included).  None on a fresh start."""
-        if not self.settings.resume:
+        if self.resume is None:
             return None
-        common, mine = load_checkpoint(self.settings.resume, rank=self.ctx.rank,
+        common, mine = load_checkpoint(self.resume, rank=self.ctx.rank,
                                        world_size=self.ctx.world_size)
         check_resume(self.cfg, common, self.model, self.comm)
         self.model.load_state_dict(common["model"])
@@ -251,7 +254,7 @@ class Trainer:
         self.comm.load_state_dict(mine["comm"])
         set_rng_state(mine["rng"])
         self.pos.load(common, mine)
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", self.settings.resume,
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", self.resume,
                  self.pos.step, self.pos.epoch + 1, self.pos.batch)
 
     def checkpoint_state(self) -> Saved:
@@ -330,6 +333,7 @@ class Trainer:
         self.pos.step += 1
         self.pos.batch += 1
         self._account(loss, logits, y)
+        maybe_fail(self.pos.step, self.ctx.rank)  # DGC_FAIL_AT_STEP: a simulated worker failure
 
     def _account(self, loss: Tensor, logits: Tensor, y: Tensor) -> None:
         """The step's traffic, loss and accuracy into the running sums (this rank's share)."""
