@@ -272,13 +272,14 @@ def test_policy_sweep_plan_runs_several_processes_per_node() -> None:
     from dgc.bench.bandwidth.policy_sweep import PolicySweepOptions, plan
 
     runs = plan(PolicySweepOptions(nodes=(2, 4), procs_per_node=2))
-    assert [r.name for r in runs] == ["resnet50-n2x2-unlimited", "resnet50-n2x2-1gbit",
-                                      "resnet50-n4x2-1gbit", "resnet50-n2x2-unlimited-dense-path"]
-    assert [r.processes for r in runs] == [4, 4, 8, 4]
-    assert set(runs[3].methods) == {"dense", "dgc-dense", "dgc-auto@0.25"}
-    assert {"dense", "dgc", "dgc-auto", "dgc@0.25", "dgc-auto@0.25"} <= set(runs[0].methods)
-    assert {"dense", "dgc", "dgc-auto", "dgc-node"} <= set(runs[1].methods)
-    assert runs[0].local_steps > 0 and runs[1].local_steps == 0
+    assert [r.name for r in runs] == ["resnet50-n2x2-unlimited", "resnet50-n2x2-unlimited-density-0.25",
+                                      "resnet50-n2x2-1gbit", "resnet50-n4x2-1gbit"]
+    assert [r.processes for r in runs] == [4, 4, 4, 8]
+    assert {"dense", "dgc-dense", "dgc", "dgc-auto"} <= set(runs[0].methods)
+    assert {"dense", "dgc@0.25", "dgc-auto@0.25"} <= set(runs[1].methods)
+    assert {"dense", "dgc", "dgc-auto", "dgc-node"} <= set(runs[2].methods)
+    assert {"dgc", "dgc-node"} <= set(runs[3].methods)
+    assert runs[0].local_steps > 0 and runs[1].local_steps > 0 and runs[2].local_steps == 0
     with pytest.raises(ValueError, match="procs-per-node"):
         plan(PolicySweepOptions(procs_per_node=1))
 
@@ -352,8 +353,10 @@ def test_policy_goals_from_rows() -> None:
     def row(rate: str, method: str, step: float, tx: float = 1.0) -> dict:
         return {"nodes": 2, "rate": rate, "method": method, "step_s": step, "tx_bytes": tx}
 
-    rows = [row("unlimited", "dense", 1.0), row("unlimited", "dgc-auto", 1.02),
-            row("unlimited", "dgc-auto@0.25", 1.2), row("1gbit", "dense", 2.0),
+    quarter = [{**row("unlimited", m, t), "tag": "density-0.25"}
+               for m, t in (("dense", 1.1), ("dgc-auto@0.25", 1.2))]
+    rows = [row("unlimited", "dense", 1.0), row("unlimited", "dgc-auto", 1.02), *quarter,
+            row("unlimited", "dgc-auto@0.25", 1.0), row("1gbit", "dense", 2.0),
             row("1gbit", "dgc", 1.0, 4.0), row("1gbit", "dgc-auto", 1.04),
             row("1gbit", "dgc-node", 0.9, 2.5)]
     # a tagged run of the same cluster (the dense-path run) does not count for the goals

@@ -104,10 +104,10 @@ def policy_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _find(rows: list[dict[str, Any]], nodes: int, rate: str, method: str) -> dict[str, Any] | None:
-    """The row of the main run (no tag) of ``nodes`` at ``rate``."""
+def _find(rows: list[dict[str, Any]], nodes: int, rate: str, method: str, tag: str = "") -> dict[str, Any] | None:
+    """The row of ``method`` in the run of ``nodes`` at ``rate`` with ``tag`` ("" = the main run)."""
     return next((r for r in rows if r["nodes"] == nodes and r["rate"] == rate and r["method"] == method
-                 and not r.get("tag")), None)
+                 and (r.get("tag") or "") == tag), None)
 
 
 def _goal(name: str, value: float | None, target: str, met: bool | None, detail: str) -> dict[str, Any]:
@@ -122,16 +122,17 @@ def _ratio(a: dict[str, Any] | None, b: dict[str, Any] | None, key: str) -> floa
 
 def goals(rows: list[dict[str, Any]], nodes: int = 2, slow: str = "1gbit") -> list[dict[str, Any]]:
     """Issue 13's goals, each with its measured value and whether it is met (None = not measured)."""
-    def find(rate: str, method: str) -> dict[str, Any] | None:
-        return _find(rows, nodes, rate, method)
+    def find(rate: str, method: str, tag: str = "") -> dict[str, Any] | None:
+        return _find(rows, nodes, rate, method, tag)
 
     quarter = f"@{WARMUP_DENSITY:g}"
     out = []
-    for suffix, label in (("", "0.001"), (quarter, f"{WARMUP_DENSITY:g}")):
-        r = _ratio(find("unlimited", f"dgc-auto{suffix}"), find("unlimited", "dense"), "step_s")
+    for suffix, label, tag in (("", "0.001", ""), (quarter, f"{WARMUP_DENSITY:g}", f"density-{WARMUP_DENSITY:g}")):
+        dense = find("unlimited", "dense", tag)
+        r = _ratio(find("unlimited", f"dgc-auto{suffix}", tag), dense, "step_s")
+        sparse = _ratio(find("unlimited", f"dgc{suffix}", tag), dense, "step_s")
         out.append(_goal(f"unlimited, density {label}: auto within 3% of dense", r, "auto/dense <= 1.03",
-                         None if r is None else r <= 1.03,
-                         f"sparse/dense {_ratio(find('unlimited', f'dgc{suffix}'), find('unlimited', 'dense'), 'step_s')}"))
+                         None if r is None else r <= 1.03, f"sparse/dense {sparse}"))
     r = _ratio(find(slow, "dgc-auto"), find(slow, "dgc"), "step_s")
     out.append(_goal(f"{slow}: auto within 5% of sparse", r, "auto/sparse <= 1.05", None if r is None else r <= 1.05, ""))
     r = _ratio(find(slow, "dense"), find(slow, "dgc-auto"), "step_s")
