@@ -13,7 +13,9 @@ from torch import nn
 
 import dgc
 from dgc.activation import ActivationMonitor, SparseInputLinear, TopKActivation
+from dgc.error_sparsity import ErrorMonitor
 from dgc.pruning import Pruner
+from dgc.sparsity_monitors import SparsityMonitors
 from dgc.sparsity_report import sparsity_report
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -89,10 +91,13 @@ def _unit(granularity, weight: torch.Tensor) -> int:
 def test_act_option_builds_a_monitor(option):
     cfg = _compose("act", option)
     model = Net()
-    monitor = instantiate(cfg)(model=model)
-    assert isinstance(monitor, ActivationMonitor)
-    model(torch.randn(16, 1, 8, 8))
-    assert monitor.summary()
+    monitors = instantiate(cfg)(model=model)
+    assert isinstance(monitors, SparsityMonitors)
+    assert isinstance(monitors.activations, ActivationMonitor)
+    assert isinstance(monitors.errors, ErrorMonitor)
+    model(torch.randn(16, 1, 8, 8)).square().mean().backward()
+    assert monitors.activations.summary()
+    assert monitors.errors.summary()
     if cfg.topk is not None:
         assert any(isinstance(m, TopKActivation) for m in model.modules())
     if cfg.sparse_linear:
