@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dgc.training.elastic_store import attempt_store, uses_agent_store
+
 if TYPE_CHECKING:
     from dgc.training.communication import Communication
 
@@ -132,7 +134,9 @@ class DDPRuntime:
         self.ctx: DistContext | None = None
 
     def init(self) -> DistContext:
-        """Start the process group (the first collective step of the run)."""
+        """Start the process group (the first collective step of the run).  Under torchrun's
+        agent store, the group's keys are this attempt's own (:mod:`dgc.training.elastic_store`):
+        a restarted worker never reads the killed attempt's addresses."""
         backend = self.backend
         if backend == "auto":
             backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -154,8 +158,13 @@ class DDPRuntime:
                 port = s.getsockname()[1]
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0,
                                     world_size=1, timeout=self.timeout)
-        else:
-            dist.init_process_group(backend, rank=rank, world_size=world, timeout=self.timeout,
+        else:  # torchrun: its agent's store, under keys of this attempt's own (elastic_store)
+            store = None
+            if uses_agent_store():
+                store = attempt_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                      rank=rank, world_size=world, timeout=self.timeout)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                                    timeout=self.timeout,
                                     device_id=device if backend == "nccl" else None)
         self.ctx = DistContext(rank=rank, world_size=world, local_rank=local_rank,
                                local_world_size=local_world, device=device, backend=backend)
