@@ -32,13 +32,14 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .agreement import check_agreement, fingerprint
-from .ddp_session import DDPSession
+from .ddp_session import DDPSession, hook_without_python_tls
 from .errors import NonFiniteGradientError
 from .state import DGCState
 
 __all__ = ["ddp_comm_hook"]
 
 
+@hook_without_python_tls  # nothing of ours takes the GIL in a gloo thread at exit (docs/reliability.md#clean-exit)
 def ddp_comm_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
     """Average ``bucket`` across workers with Deep Gradient Compression; returns a Future of the buffer."""
     session = DDPSession.of(state)
@@ -86,8 +87,7 @@ def ddp_comm_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Fut
                       undo=functools.partial(send.undo, state))
         return buffer
 
-    fut = work.get_future().then(finish)
-    session.track(send, fut)
+    fut = session.track(send, work.get_future(), finish)  # waited for, and its callback dropped, in Step V
     if bucket.is_last():  # Step V: the step as a whole
         failures = session.finish_step()
         if failures:

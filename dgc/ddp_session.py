@@ -11,13 +11,26 @@ and calls :meth:`DDPSession.attach_optimizer`.  A state used through the plain
 ``ddp_model.register_comm_hook(state, dgc.ddp_comm_hook)`` line does not know its optimizer, so until it
 is found a global step pre-hook watches the optimizers that step: the first one that holds a parameter of
 the state is attached, and the global hook removes itself once no session is left looking.
+
+Nothing of a step outlives it in a gloo thread that needs the GIL (docs/reliability.md#clean-exit): a
+gloo worker thread that takes the GIL while the interpreter finalizes calls ``std::terminate``
+("terminate called without an active exception").  Two such takers, both seen in core dumps of the
+README's toy script: the disposal of a ``Future.then`` Python callback after the future completed
+(``PythonFunctionGuard``), which :meth:`DDPSession.finish_step` waits for; and the destructor of a
+``Work`` whose captured thread-local state holds the Python ``contextvars`` context that ``backward()``
+stashes, which :func:`hook_without_python_tls` keeps out of our collectives.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
+import threading
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,7 +44,78 @@ from .hierarchy import NodeTopology
 from .ledger import StepLedger
 from .state import DGCState
 
-__all__ = ["DDPSession"]
+__all__ = ["DDPSession", "Flight", "hook_without_python_tls"]
+
+_log = logging.getLogger(__name__)
+
+_RELEASE_WAIT_S = 10.0
+"""How long the last bucket's call waits for a gloo thread to drop a completed callback (it only needs
+the GIL, which the wait gives up; a timeout is logged, never raised)."""
+
+_BACKWARD_TLS_KEY = "context"
+"""The thread-local Python object ``torch.autograd.graph._engine_run_backward`` stashes for the
+duration of ``backward()`` (a ``contextvars.Context``)."""
+
+
+@dataclass
+class Flight:
+    """One bucket's communication of this step."""
+
+    send: Send
+    future: torch.futures.Future[Any]
+    """The future of the bucket's ``Future.then`` callback (what DDP waits for)."""
+    released: threading.Event
+    """Set once the gloo thread that ran the callback has dropped it (:class:`_DropSignal`)."""
+
+
+class _DropSignal:
+    """A callback wrapper whose only owner is torch's ``PythonFunctionGuard``: it is deallocated (and
+    sets ``released``) exactly when the gloo thread drops the callback, under the GIL."""
+
+    __slots__ = ("__weakref__", "_fn", "_released")
+
+    def __init__(self, fn: Callable[[Any], Any], released: threading.Event) -> None:
+        self._fn = fn
+        self._released = released
+
+    def __call__(self, fut: Any) -> Any:
+        return self._fn(fut)
+
+    def __del__(self) -> None:
+        self._released.set()
+
+
+@contextlib.contextmanager
+def _backward_tls_removed() -> Iterator[None]:
+    """Take the Python object ``backward()`` stashes in torch's thread-local state out for the block,
+    so that the ``Work`` objects and callbacks created in it capture no Python object (their
+    destructors run on gloo threads); put the same object back after."""
+    is_key = getattr(torch._C, "_is_key_in_tls", None)
+    if is_key is None or not is_key(_BACKWARD_TLS_KEY):
+        yield
+        return
+    saved = torch._C._get_obj_in_tls(_BACKWARD_TLS_KEY)
+    torch._C._remove_obj_from_tls(_BACKWARD_TLS_KEY)
+    try:
+        yield
+    finally:
+        torch._C._stash_obj_in_tls(_BACKWARD_TLS_KEY, saved)
+
+
+def hook_without_python_tls(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a DDP communication hook without the ``backward()`` context in torch's thread-local state.
+
+    Every gloo ``Work`` (and every ``then`` callback) captures the caller's thread-local state; the
+    gloo worker thread that finishes a collective usually drops the last reference, and releasing a
+    captured Python object then takes the GIL: at interpreter exit, ``std::terminate``.  (Plain DDP has
+    this race too: its allreduce is issued inside ``backward()``.)"""
+
+    @functools.wraps(hook)
+    def run(state: Any, bucket: Any) -> Any:
+        with _backward_tls_removed():
+            return hook(state, bucket)
+
+    return run
 
 
 class DDPSession:
@@ -42,7 +126,7 @@ class DDPSession:
         self._ledger: StepLedger | None = None
         self._sent: dict[str, SentPart] = {}
         self._optimizer_hook: Any = None
-        self._flights: list[tuple[Send, torch.futures.Future[Any]]] = []
+        self._flights: list[Flight] = []
         """This step's groups and their futures, until the last bucket's call has waited for them."""
         self._sends: list[Send] = []
         """The last finished step's groups (futures dropped: nothing of ours outlives a step)."""
@@ -87,8 +171,15 @@ class DDPSession:
         self.micro.optimizer_known = True
         self.micro.optimizer_stepped()
 
-    def track(self, send: Send, fut: torch.futures.Future[Any]) -> None:
-        self._flights.append((send, fut))
+    def track(
+        self, send: Send, work: torch.futures.Future[Any], callback: Callable[[Any], Any]
+    ) -> torch.futures.Future[Any]:
+        """``work.then(callback)`` for a bucket's communication, tracked until the last bucket's call:
+        the future to hand DDP."""
+        released = threading.Event()
+        fut = work.then(_DropSignal(callback, released))  # torch holds the only reference to the signal
+        self._flights.append(Flight(send, fut, released))
+        return fut
 
     def ledger(self, step: int) -> StepLedger:
         """The :class:`~dgc.ledger.StepLedger` of communication step ``step``."""
@@ -124,13 +215,26 @@ class DDPSession:
         self._last_done = now - decode_s
 
     def finish_step(self) -> list[str]:
-        """From the last bucket's hook call: wait until every bucket of the step has settled and return
-        the failures (empty when the step arrived everywhere)."""
-        for _, fut in self._flights:
-            fut.wait()
-        self._sends = [send for send, _ in self._flights]
+        """From the last bucket's hook call: wait until every bucket of the step has settled, and until
+        the gloo threads have dropped every callback (so that none is left to take the GIL at exit), and
+        return the failures (empty when the step arrived everywhere)."""
+        try:
+            for flight in self._flights:
+                flight.future.wait()
+        finally:  # also when a callback raised: its disposal still takes the GIL
+            self._await_release()
+        self._sends = [flight.send for flight in self._flights]
         self._flights.clear()
         return list(self._ledger.failures) if self._ledger is not None else []
+
+    def _await_release(self) -> None:
+        late = sum(not flight.released.wait(_RELEASE_WAIT_S) for flight in self._flights)
+        if late:
+            _log.warning(
+                "DGC: %d bucket callback(s) still held by a gloo thread %.0f s after their step; an "
+                "interpreter exit now may abort ('terminate called without an active exception').",
+                late, _RELEASE_WAIT_S,
+            )
 
     def fail_step(self, fill: float) -> None:
         """Make the failed step's gradients identical on every rank: every bucket buffer and every
