@@ -3,9 +3,13 @@
 Modules: :mod:`.methods` (the compared methods, built from the training loop's classes),
 :mod:`.counting` (a process group that records every collective), :mod:`.hooks` (per-bucket
 hook timing), :mod:`.interface` (the kernel's byte counters), :mod:`.replay` (communication time
-alone), :mod:`.runner` (the worker), :mod:`.sweep` (the grid on simulated clusters),
-:mod:`.report`, :mod:`.summary` and :mod:`.plots` (the results), :mod:`.cost_model`
-(break-even link rates), :mod:`.cli`. See docs/bandwidth.md.
+alone), :mod:`.stepping` (a method on a fresh DDP model, one measured step), :mod:`.interleave`
+(every method stepped in turn), :mod:`.layout` (which ranks share a node), :mod:`.runner` (the
+worker), :mod:`.sweep` (the grid on simulated clusters), :mod:`.report`, :mod:`.summary` and
+:mod:`.plots` (the results), :mod:`.cost_model` (break-even link rates, the step prediction of
+dense / sparse / auto / node), :mod:`.policy_sweep` and :mod:`.policy_report` (``policy="auto"`` and
+``hierarchy="node"``, docs/policy.md), :mod:`.scaling` (the cost model for 8-256 GPUs, run as
+``python -m dgc.bench.bandwidth.scaling``; not imported here), :mod:`.cli`. See docs/bandwidth.md.
 """
 
 from .cost_model import break_even, cross

@@ -199,6 +199,7 @@ def _plots(rows: list[dict[str, Any]], out: Path) -> None:
                      if r["method"] == method and r["tx_bytes"] and r["rate"] != "unlimited")
         if pts:
             ax.plot(*zip(*pts, strict=True), "o-", label=label)
+    ax.set_xticks(sorted({r["nodes"] for r in rows}))
     ax.set_xlabel("nodes (2 processes each)" if rows else "nodes")
     ax.set_ylabel("inter-node MB per node per step (tx)")
     ax.set_ylim(bottom=0)

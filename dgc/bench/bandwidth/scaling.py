@@ -130,7 +130,7 @@ def markdown(rows: list[ScalingRow]) -> str:
     for r in rows:
         lines.append(f"| {r.link_gbit:g} Gbit/s | {r.gpus} | {r.nodes} | {1e3 * r.dense_s:.1f} | "
                      f"{1e3 * r.sparse_s:.1f} | {1e3 * r.auto_s:.1f} ({r.auto_choice}) | "
-                     f"{1e3 * r.node_s:.1f} | {_rate(r.switch_gbit)} |")
+                     f"{1e3 * r.node_s:.1f} | {'(one node)' if r.nodes == 1 else _rate(r.switch_gbit)} |")
     return "\n".join(lines)
 
 
