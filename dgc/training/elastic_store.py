@@ -57,9 +57,11 @@ def attempt_store(host: str, port: int, *, rank: int, world_size: int,
     base = dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
     if rank == 0:
         generation = _hand_out(base, world_size, timeout)
-        log.info("process group keys under %s/%d/ (torchrun attempt %s; the agent's store keeps "
-                 "earlier attempts' keys)", _ROOT, generation,
-                 os.environ.get("TORCHELASTIC_RESTART_COUNT", "?"))
+        restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0")
+        log.log(logging.INFO if restarted else logging.DEBUG,
+                "torchrun attempt %s: process group keys under %s/%d/ (the agent's store still "
+                "holds earlier attempts' keys)", os.environ.get("TORCHELASTIC_RESTART_COUNT"),
+                _ROOT, generation)
     else:
         generation = _ask(base, rank)
     return dist.PrefixStore(f"{_ROOT}/{generation}/", base)
