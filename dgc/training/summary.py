@@ -1,11 +1,17 @@
-"""Human-readable lines for the console: one saying what runs, one per epoch, one block at the end."""
+"""Human-readable lines for the console: one saying what runs, one per epoch, one block at the end.
+
+The end block warns when a run's test accuracy collapsed: more than ``COLLAPSE_POINTS`` points
+below the known accuracy of dense training of the same model on the same data
+(``KNOWN_DENSE``, figures measured with the commands their ``source`` gives).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["RunDescription", "format_banner", "format_bytes", "format_epoch", "format_summary"]
+__all__ = ["COLLAPSE_POINTS", "KNOWN_DENSE", "KnownDense", "RunDescription", "collapse_warning",
+           "format_banner", "format_bytes", "format_epoch", "format_summary"]
 
 
 def format_bytes(n: float) -> str:
@@ -68,6 +74,59 @@ def format_epoch(record: dict[str, Any], epochs: int) -> str:
     )
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class KnownDense:
+    """The test accuracy dense training (plain allreduce, no pruning) reaches on one task."""
+
+    model: str
+    """The summary's ``model`` (class name), e.g. ``"CNN"``."""
+    data: str
+    """The summary's ``data`` (data set name), e.g. ``"mnist-5k"``."""
+    accuracy: float
+    """Test accuracy in percent."""
+    epochs: float
+    """Epochs the figure was trained for (a much shorter run may trail it without a fault)."""
+    source: str
+    """Where the figure comes from (a doc, or the command that measured it)."""
+
+
+KNOWN_DENSE: tuple[KnownDense, ...] = (
+    KnownDense(model="CNN", data="mnist-5k", accuracy=98.50, epochs=10,
+               source="docs/parity.md: experiment=parity_mnist, 4 ranks"),
+    KnownDense(model="CNN", data="sklearn-digits", accuracy=98.05, epochs=10,
+               source="torchrun --nproc_per_node=2 launch/train.py experiment=digits"),
+)
+"""Dense test accuracy per model and data set; runs of other tasks get no collapse check."""
+
+COLLAPSE_POINTS = 10.0
+"""A run warns when its test accuracy ends more than this many points below ``KNOWN_DENSE``
+(DGC at density 0.001 ends within 0.3-2.5 points on MNIST; a broken setting, e.g. pruning the
+first convolution to 1 weight in 9, ends tens of points below)."""
+
+MIN_EPOCHS = 1.0
+"""Runs shorter than this (``train.max_steps`` checks) are not compared."""
+
+
+def collapse_warning(record: dict[str, Any], *, points: float = COLLAPSE_POINTS,
+                     known: tuple[KnownDense, ...] = KNOWN_DENSE) -> str | None:
+    """The warning for a ``summary`` record whose accuracy collapsed, else None.
+
+    None as well for tasks without a known dense figure, records without ``test_accuracy``
+    (language models) and runs of under ``MIN_EPOCHS`` epochs.
+    """
+    acc = record.get("test_accuracy")
+    if acc is None or record.get("epochs_done", 0.0) < MIN_EPOCHS:
+        return None
+    ref = next((k for k in known if k.model == record.get("model") and k.data == record.get("data")),
+               None)
+    if ref is None or ref.accuracy - acc <= points:
+        return None
+    return (f"test accuracy {acc:.2f}% after {record['epochs_done']:.3g} epochs is "
+            f"{ref.accuracy - acc:.1f} points below dense training's {ref.accuracy:.2f}% for "
+            f"{ref.model} on {ref.data} ({ref.epochs:g} epochs, {ref.source}): unless the run is "
+            f"just short, its compression, pruning or activation settings broke training")
+
+
 def format_summary(record: dict[str, Any]) -> str:
     """The block ``launch/train.py`` prints at the end of a run."""
     lines = [
@@ -102,5 +161,8 @@ def format_summary(record: dict[str, Any]) -> str:
     ]
     if "sparsity_report" in record:
         lines.append(f"sparsity     {record['sparsity_report']}")
+    warning = collapse_warning(record)
+    if warning is not None:
+        lines.append(f"WARNING      {warning}")
     lines.append("=" * 72)
     return "\n".join(lines)
