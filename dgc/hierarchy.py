@@ -102,13 +102,17 @@ class NodeTopology:
 
     # ------------------------------------------------------------------ shares
     def owners(self, layout: BucketLayout) -> list[int]:
-        """The local rank that owns each tensor of the bucket: largest first, to the least loaded."""
-        load = [0] * self.local_size
+        """The local rank that owns each tensor of the bucket: by the bytes it puts in a message
+        (pairs, or dense entries), largest first, to the least loaded share, so shares are even."""
+        pair = layout.index_bytes / max(1, layout.pairs) + layout.value_size
+        weight = [k * pair if k else layout.dense_size(i) * layout.value_size
+                  for i, k in enumerate(layout.ks)]
+        load = [0.0] * self.local_size
         owner = [0] * len(layout.names)
-        for i in sorted(range(len(layout.names)), key=lambda i: (-layout.numels[i], i)):
+        for i in sorted(range(len(layout.names)), key=lambda i: (-weight[i], -layout.numels[i], i)):
             j = min(range(self.local_size), key=lambda j: (load[j], j))
             owner[i] = j
-            load[j] += layout.numels[i]
+            load[j] += weight[i]
         return owner
 
     def shares(self, state: DGCState, layout: BucketLayout) -> list[BucketLayout]:

@@ -182,6 +182,10 @@ def register(
         check_optimizer(optimizer, state.config)
     # What DGC sends for a parameter that then gets no gradient (DDP with find_unused_parameters or
     # static_graph) comes back to its residual before this optimizer's step (see dgc.ddp_session).
+    # A parameter can only miss its gradient when DDP allows unused parameters: otherwise skip the
+    # copy of every dense bucket that the give-back needs.
+    state.track_sent = bool(getattr(ddp_model, "find_unused_parameters", True)
+                            or getattr(ddp_model, "static_graph", True))
     session = DDPSession.of(state)
     if optimizer is not None:
         session.attach_optimizer(optimizer)

@@ -79,7 +79,8 @@ class DGCState:
         """Remember what each tensor sent this step, so that the DDP hook can give back what was sent for
         a parameter that then got no gradient (DDP with ``find_unused_parameters`` or ``static_graph``).
         Costs a copy of dense-allreduce buckets; False turns it off for models where every parameter is
-        always used."""
+        always used.  ``dgc.register`` sets it from the DDP model (on only with ``find_unused_parameters``
+        or ``static_graph``)."""
         self._rng = random.Random(config.seed * 1_000_003 + self.rank)
         params = list(named_parameters)
         if not params:
