@@ -72,7 +72,7 @@ class DGCConfig:
 
     weight_decay: float = 0.0
     """L2 penalty added to the local gradient *before* momentum correction (PaddlePaddle's placement,
-    equivalent to SGD's own weight decay under momentum; SPEC 2.8).  0 = off, in which case the optimizer
+    equivalent to SGD's own weight decay under momentum; docs/algorithm.md#weight-decay).  0 = off, in which case the optimizer
     may apply its own (uncompressed) weight decay instead; never both."""
 
     value_dtype: str = "float32"
