@@ -11,6 +11,7 @@ clock x bus width``, from CuPy's device attributes).
     python launch/bench_kernels.py                       # CPU: compiled path, twins, baselines
     python launch/bench_kernels.py --hook                # + the DGC hook's codec per step (DDP, world 1)
     python launch/bench_kernels.py --device cuda         # GPU: CuPy kernels, twins on the GPU, baselines
+    python launch/bench_kernels.py --quant               # + the quantizers' codec (int8, TernGrad, QSGD)
 
 Implementations: ``fused`` is the compiled CPU path (:mod:`dgc.kernels.cpu_fused`, what
 ``backend="auto"`` runs on a CPU), ``twin`` the pure-torch twins (:mod:`dgc.kernels.reference`,
@@ -20,7 +21,11 @@ Bytes counted (float32 tensor of n elements): triad 12n; ``x.clone()`` 8n (read 
 ``torch.topk(|x|)``, ``block_absmax`` and ``select_topk`` 4n (one read of x); ``compress_step`` 20n with
 momentum (read g, u, v; write u, v); the fused pass alone (GPU) the same 20n; ``scatter_unpack`` 4n (the
 dense output) plus the N*k pairs; the hook's codec (``--hook``: a DDP step with the DGC hook minus the
-same step with plain DDP, world size 1, one n-element parameter) 20n.  Goals (issue 14): on a CPU,
+same step with plain DDP, world size 1, one n-element parameter) 20n; the quantizers' codec
+(``--quant``, :mod:`dgc.quant` with the ``compress=int8|terngrad|qsgd`` defaults: a scale per 512
+elements, round to nearest) ``encode`` = quantize + pack + serialize, 4n + the message's bytes, and
+``decode`` = parse + unpack + dequantize, the message + 4n (int8 n, QSGD at 7 levels n/2, TernGrad
+n/4, plus a float32 scale per 512 elements).  Goals (issue 14): on a CPU,
 the hook's codec and ``compress_step`` >= 50% of the triad's bandwidth, ``select_topk`` >= 30%; on a GPU
 the fused pass >= 60% of peak bandwidth and the kernel >= 10x faster than the twin on the same GPU.
 """
@@ -151,6 +156,21 @@ def build_cases(args: argparse.Namespace, device: torch.device) -> list[Case]:
     return cases
 
 
+def add_quant_cases(args: argparse.Namespace, cases: list[Case], device: torch.device) -> None:
+    """Encode (to the message bytes) and decode (back to float32) of each quantized compressor."""
+    from dgc.quant import QuantConfig
+
+    x = torch.randn(args.numel, generator=torch.Generator().manual_seed(1)).to(device)
+    for method, fields in (("int8", {"bits": 8}), ("terngrad", {}), ("qsgd", {"levels": 7})):
+        q = QuantConfig(method=method, **fields).quantizer()
+        message = q.encode(x).to_bytes()
+        wire = message.numel()
+        cases.append(Case(f"{method} encode", "torch", 4 * args.numel + wire,
+                          lambda q=q: q.encode(x).to_bytes(), []))
+        cases.append(Case(f"{method} decode", "torch", wire + 4 * args.numel,
+                          lambda q=q, m=message: q.decode(q.from_bytes(m, args.numel)), []))
+
+
 def _fused_pass(mod, grad: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> Callable[[], object]:
     """Steps 1-2 and the block maxima only (``dgc_fused_update``): the bandwidth-bound part."""
     n = grad.numel()
@@ -271,12 +291,19 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--wire", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--world-size", type=int, default=8, help="workers' messages for scatter_unpack")
     p.add_argument("--hook", action="store_true", help="also time the DGC hook's codec (DDP, world size 1)")
+    p.add_argument("--quant", action="store_true", help="also time the quantizers' encode/decode")
+    p.add_argument("--only-quant", action="store_true",
+                   help="the triad, x.clone() and the quantizers only (implies --quant)")
     p.add_argument("--json", default=None, help="also write the rows to this file")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cases = build_cases(args, device)
+    if args.only_quant:
+        cases = cases[:2]  # the triad and x.clone(), the yardsticks
+    if args.quant or args.only_quant:
+        add_quant_cases(args, cases, device)
     if args.hook and device.type == "cpu":
         add_hook_cases(args, cases, sorted({c.impl for c in cases} & {"fused", "twin"}))
     timer = _timer(device)

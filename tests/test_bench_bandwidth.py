@@ -394,3 +394,60 @@ def test_worker_interleaved_policy_methods(tmp_path: Path) -> None:
         sparse = all(by[name]["sparse_buckets"])
         assert sparse == any(op["op"] == "all_gather_single" for op in by[name]["ops"])
     assert by["dgc"]["sparse_buckets"] is None
+
+
+# --------------------------------------------------------------------- quantized methods (issue 15)
+def test_method_registry_has_the_quantized_methods() -> None:
+    from dgc.bench.bandwidth.cost_model import copies, least_wire_bytes
+    from dgc.bench.bandwidth.methods import QUANT_METHODS, MethodContext
+    from dgc.quant import QuantConfig
+    from dgc.training.quant_communication import QuantCommunication
+
+    ctx = MethodContext(backend="gloo")
+    for name, bits in (("int8", 8), ("terngrad", 2), ("qsgd", 4)):
+        assert name in QUANT_METHODS
+        comm = bandwidth.METHODS[name].build(ctx)
+        assert isinstance(comm, QuantCommunication) and comm.name == name
+        cfg = comm.quant_config
+        assert isinstance(cfg, QuantConfig) and cfg.method == name
+        assert cfg.error_feedback and not cfg.rounding_is_stochastic
+        assert cfg.quantizer().bits == bits
+        assert bandwidth.METHODS[name].build(ctx) is not comm  # fresh state per run
+    assert "dgc-int8" in QUANT_METHODS
+    assert bandwidth.METHODS["dgc-int8"].build(ctx).config.value_dtype == "int8"
+    assert bandwidth.METHODS["dgc-int8"].build(ctx).config.density == 0.001
+    # The two phases send the bytes of a ring allreduce of the quantized gradient.
+    ops = [{"op": "all_to_all_single", "bytes": 400}, {"op": "all_gather_single", "bytes": 100}]
+    assert copies(ops, 4) == 2 * 3 / 4
+    assert least_wire_bytes(ops, 4) == 400 * 3 / 4 + 100 * 3
+    assert copies([{"op": "all_gather_single", "bytes": 8}], 4) == 3
+
+
+@pytest.mark.timeout(120)
+def test_quantized_methods_byte_counts(tmp_path: Path) -> None:
+    from dgc.bench.bandwidth.methods import MethodContext
+    from dgc.quant.exchange import ExchangePlan
+
+    methods = ["int8", "terngrad", "qsgd"]
+    results = run_distributed(_bench_worker, 2, methods, str(tmp_path / "init"), timeout=110)
+    n = 2
+    params = dict(grad_shapes.build("tiny").named_parameters())
+    ctx = MethodContext(backend="gloo")
+    for res in results:
+        for name in methods:
+            r = res[name]
+            quantizer = bandwidth.METHODS[name].build(ctx).quant_config.quantizer()
+            assert len(r["buckets"]) >= 2, "the tiny bucket cap should give several buckets"
+            plans = [ExchangePlan.of(sum(params[p].numel() for p in b), n, quantizer)
+                     for b in r["buckets"]]
+            # Per bucket: the all-to-all of N messages (own slot included), then the all-gather
+            # of the own one; the bucket order of the calls is not fixed, so compare sorted.
+            a2a = sorted(n * p.message_bytes for p in plans)
+            ag = sorted(p.message_bytes for p in plans)
+            assert sorted(op["bytes"] for op in r["ops"] if op["op"] == "all_to_all_single") == a2a
+            assert sorted(op["bytes"] for op in r["ops"] if op["op"] == "all_gather_single") == ag
+            assert {op["op"] for op in r["ops"]} == {"all_to_all_single", "all_gather_single"}
+            assert r["payload_bytes"] == sum(a2a) + sum(ag)
+            assert r["payload_bytes"] < 4 * sum(p.numel() for p in params.values())
+            raw_tx = r["tx_bytes"] + r["barrier_tx_bytes"]  # lo: both ranks' traffic
+            assert raw_tx >= n * (n - 1) * sum(ag) * 2

@@ -34,7 +34,7 @@ from pathlib import Path
 
 log = logging.getLogger("dgc.bench")
 
-__all__ = ["METHODS", "ROOT", "TASKS", "TRAIN", "Task", "command", "main", "plots", "records",
+__all__ = ["METHODS", "ROOT", "SPARSE_METHODS", "TASKS", "TRAIN", "Task", "command", "main", "plots", "records",
            "run", "table"]
 
 #: The checkout the studies run in (its launch/train.py and conf/); an editable install's.
@@ -61,12 +61,20 @@ METHODS = {  # method -> train.py overrides
     "topk": ("+compress=topk",),
     "powersgd": ("+compress=powersgd",),
     "fp16": ("+compress=fp16",),
+    # issue 15: the quantized compressors (two-phase all-to-all + all-gather, error feedback, the
+    # options' defaults) and DGC with int8 values
+    "int8": ("+compress=int8",),
+    "terngrad": ("+compress=terngrad",),
+    "qsgd": ("+compress=qsgd",),
+    "dgc-int8": ("+compress=dgc", "compress.config.value_dtype=int8"),
 }
+#: Methods that are DGC underneath: they get the task's density warm-up (``Task.overrides``).
+SPARSE_METHODS = ("dgc", "topk", "dgc-int8")
 
 
 def command(task: Task, method: str, ranks: int, run_dir: Path, extra: list[str]) -> list[str]:
     overrides = [f"experiment={task.experiment}", *METHODS[method]]
-    if method in ("dgc", "topk"):
+    if method in SPARSE_METHODS:
         overrides += list(task.overrides)
     overrides += [f"hydra.run.dir={run_dir}", *extra]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",

@@ -13,14 +13,19 @@ from typing import Any
 from dgc.policy import predict
 
 __all__ = ["GATHER_METHODS", "Network", "Traffic", "break_even", "copies", "copies_of_method",
-           "cross", "estimate_s", "predict_step", "ring_allreduce_s"]
+           "cross", "estimate_s", "least_wire_bytes", "predict_step", "ring_allreduce_s"]
 
 #: Methods whose message travels by allgather (each node sends it to N-1 peers).
 GATHER_METHODS = ("topk", "dgc", "dgc-fp16", "dgc-node", "dgc@0.25")
 
 
 def copies(ops: list[dict[str, Any]], n: int) -> float:
-    """How many times the payload crosses a node's link per step in the collectives ``ops``."""
+    """How many times the method's compressed gradient crosses a node's link per step in the
+    collectives ``ops``: ``N-1`` for an allgather, ``2(N-1)/N`` for a ring allreduce and for the
+    quantized compressors' two phases (all-to-all of ``(N-1)/N`` of it, then an all-gather of the
+    own ``1/N`` to ``N-1`` peers: the bytes of a ring allreduce of the quantized gradient)."""
+    if any(op["op"] == "all_to_all_single" for op in ops):
+        return 2.0 * (n - 1) / n
     if ops and all(op["op"] != "all_reduce" for op in ops):
         return float(n - 1)  # allgather: each node sends its message to N-1 peers
     return 2.0 * (n - 1) / n  # ring allreduce: reduce-scatter + allgather
@@ -29,6 +34,15 @@ def copies(ops: list[dict[str, Any]], n: int) -> float:
 def copies_of_method(method: str, n: int) -> float:
     """:func:`copies` from the method's name (for rows that no longer hold their ops)."""
     return float(n - 1) if method in GATHER_METHODS else 2.0 * (n - 1) / n
+
+
+def least_wire_bytes(ops: list[dict[str, Any]], n: int) -> float:
+    """Bytes a rank's link must carry out per step for the collectives ``ops`` (payload only, no
+    headers): ring allreduce ``2(N-1)/N``, allgather ``N-1``, all-to-all ``(N-1)/N`` of the input,
+    broadcast the input (its root's share, the most any rank sends)."""
+    factor = {"all_reduce": 2.0 * (n - 1) / n, "all_gather_single": float(n - 1),
+              "all_gather": float(n - 1), "all_to_all_single": (n - 1) / n, "broadcast": 1.0}
+    return sum(factor.get(op["op"], 1.0) * op["bytes"] for op in ops)
 
 
 def estimate_s(row: dict[str, Any] | None) -> float | None:

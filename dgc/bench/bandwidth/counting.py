@@ -44,8 +44,8 @@ class CollectiveRecord:
     """One collective as the wrapper saw it."""
 
     op: str
-    """``all_reduce``, ``all_gather_single`` (into one tensor), ``all_gather`` (into a list) or
-    ``broadcast``."""
+    """``all_reduce``, ``all_gather_single`` (into one tensor), ``all_gather`` (into a list),
+    ``all_to_all_single`` (equal splits: the quantized compressors' first phase) or ``broadcast``."""
     in_numel: int
     out_numel: int
     dtype: str
@@ -133,6 +133,14 @@ class CountingProcessGroup(dist.ProcessGroup):
                   *args: Any, **kwargs: Any) -> Any:
         work = self.inner.allgather(outputs, inputs, *args, **kwargs)
         return self._note("all_gather", inputs, sum(t.numel() for o in outputs for t in o), work)
+
+    def alltoall_base(self, output: torch.Tensor, input: torch.Tensor, output_split_sizes: list[int],
+                      input_split_sizes: list[int], *args: Any, **kwargs: Any) -> Any:
+        """``dist.all_to_all_single``; ``bytes`` is the whole input, of which ``(N-1)/N`` (equal
+        splits) leaves the rank."""
+        work = self.inner.alltoall_base(output, input, output_split_sizes, input_split_sizes,
+                                        *args, **kwargs)
+        return self._note("all_to_all_single", [input], output.numel(), work)
 
     def broadcast(self, tensors: list[torch.Tensor], *args: Any, **kwargs: Any) -> Any:
         work = self.inner.broadcast(tensors, *args, **kwargs)

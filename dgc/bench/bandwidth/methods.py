@@ -7,9 +7,13 @@ training without ``+compress`` runs); ``fp16`` and ``powersgd-r*`` are
 ``compress=powersgd``); ``topk``, ``dgc``, ``dgc-fp16`` and the policy/hierarchy variants
 (``dgc-dense``, ``dgc-auto``, ``dgc-node``, ``dgc@0.25``, ``dgc-auto@0.25``; docs/policy.md) are
 :class:`~dgc.training.dgc_communication.DGCCommunication` (``compress=topk`` / ``compress=dgc``,
-with ``compress.config.policy=...`` / ``compress.config.hierarchy=node``).
+with ``compress.config.policy=...`` / ``compress.config.hierarchy=node``); ``dgc-int8`` is the same
+class with int8 values (``compress.config.value_dtype=int8``); ``int8``, ``terngrad`` and ``qsgd``
+are :class:`~dgc.training.quant_communication.QuantCommunication` (``compress=int8`` /
+``compress=terngrad`` / ``compress=qsgd``: the two-phase all-to-all + all-gather of
+:mod:`dgc.quant`, error feedback on, the options' defaults).
 Each also shapes the optimizer as in training (:meth:`Communication.make_optimizer`: DGC with
-momentum gets :class:`dgc.DGCSGD`, the others SGD with momentum 0.9).
+momentum gets :class:`dgc.DGCSGD`, the others, the quantized ones included, SGD with momentum 0.9).
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ from dataclasses import dataclass
 from omegaconf import DictConfig, OmegaConf
 
 import dgc
+from dgc.quant import QuantConfig
 from dgc.training.communication import Allreduce, Communication
 from dgc.training.dgc_communication import DGCCommunication
+from dgc.training.quant_communication import QuantCommunication
 from dgc.training.torch_hooks import FP16Compression, PowerSGD
 
-__all__ = ["AUTO_INTERVAL", "METHODS", "SWEEP_METHODS", "MethodContext", "MethodSpec", "WARMUP_DENSITY",
-           "least_warmup", "optimizer_config"]
+__all__ = ["AUTO_INTERVAL", "METHODS", "QUANT_METHODS", "SWEEP_METHODS", "MethodContext", "MethodSpec",
+           "WARMUP_DENSITY", "least_warmup", "optimizer_config"]
 
 #: PowerSGD's bucket on gloo when none is asked for: one bucket for every model here. PyTorch's
 #: hook launches its second allreduce from a Future callback, and with several buckets gloo
@@ -94,6 +100,15 @@ _AUTO_WARMUP = DENSE_STEPS + 2 * AUTO_INTERVAL
 _AUTO = {"policy": "auto", "policy_interval": AUTO_INTERVAL}
 
 
+def _quant(method: str, **fields: object) -> Callable[[MethodContext], Communication]:
+    """``compress=<method>``: :class:`QuantConfig` with the option's defaults (error feedback,
+    round to nearest, a scale per 512 elements) and the dist config's DDP buckets."""
+    def build(ctx: MethodContext) -> Communication:
+        return QuantCommunication(config=QuantConfig(method=method, **fields), name=method)
+
+    return build
+
+
 def _powersgd(rank: int) -> Callable[[MethodContext], Communication]:
     def build(ctx: MethodContext) -> Communication:
         cap = ctx.powersgd_bucket_cap_mb
@@ -122,6 +137,17 @@ METHODS: dict[str, MethodSpec] = {
                    description="DGC 0.1%, momentum correction, fp32 values (compress=dgc)"),
         MethodSpec(name="dgc-fp16", build=_dgc("dgc-fp16", momentum=0.9, value_dtype="float16"),
                    description="DGC 0.1%, momentum correction, fp16 values"),
+        MethodSpec(name="dgc-int8", build=_dgc("dgc-int8", momentum=0.9, value_dtype="int8"),
+                   description="DGC 0.1%, momentum correction, int8 values (and int8 dense tensors)"),
+        MethodSpec(name="int8", build=_quant("int8", bits=8),
+                   description="int8, a scale per 512 elements, error feedback: two-phase "
+                               "all-to-all + all-gather (compress=int8)"),
+        MethodSpec(name="terngrad", build=_quant("terngrad"),
+                   description="TernGrad, 2 bits packed, a scale per 512 elements, error feedback: "
+                               "two-phase (compress=terngrad)"),
+        MethodSpec(name="qsgd", build=_quant("qsgd", levels=7),
+                   description="QSGD, 7 levels (4 bits), a norm per 512 elements, error feedback: "
+                               "two-phase (compress=qsgd)"),
         MethodSpec(name="dgc-dense", build=_dgc("dgc-dense", momentum=0.9, policy="dense"),
                    description="DGC's state, every bucket a dense allreduce (compress.config.policy=dense)"),
         MethodSpec(name="dgc-auto", build=_dgc("dgc-auto", momentum=0.9, **_AUTO),
@@ -138,6 +164,10 @@ METHODS: dict[str, MethodSpec] = {
                    description=f"policy=auto at density {WARMUP_DENSITY:g}"),
     )
 }
+
+QUANT_METHODS: tuple[str, ...] = ("dense", "int8", "terngrad", "qsgd", "dgc", "dgc-int8")
+"""The quantization comparison (docs/bandwidth.md#quantized-gradients): dense allreduce, the three
+quantized compressors, DGC with fp32 and with int8 values."""
 
 SWEEP_METHODS: tuple[str, ...] = ("dense", "fp16", "powersgd-r1", "powersgd-r4", "topk", "dgc", "dgc-fp16")
 """The methods of the bandwidth sweep (``--methods`` default; ``all`` = every method of :data:`METHODS`,

@@ -21,10 +21,11 @@ def _sync(device: torch.device) -> None:
 def _buffers(ops: Sequence[dict[str, Any]], device: torch.device) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     buffers = []
     for op in ops:
-        if op["op"] not in ("all_reduce", "all_gather_single", "broadcast"):
+        if op["op"] not in ("all_reduce", "all_gather_single", "all_to_all_single", "broadcast"):
             raise ValueError(f"replay: collective {op['op']!r} is not one a step's hooks launch "
-                             "(all_reduce, all_gather_single, broadcast: policy='auto' sends its "
-                             "decisions from rank 0); record only the measured steps")
+                             "(all_reduce, all_gather_single, all_to_all_single, broadcast: "
+                             "policy='auto' sends its decisions from rank 0); record only the "
+                             "measured steps")
         dtype = getattr(torch, op["dtype"])
         buffers.append((
             op["op"],
@@ -57,6 +58,8 @@ def replay(ops: Sequence[dict[str, Any]], device: torch.device, repeats: int,
                 dist.all_reduce(inp)
             elif kind == "broadcast":
                 dist.broadcast(inp, src=0)
+            elif kind == "all_to_all_single":
+                dist.all_to_all_single(out, inp)
             else:
                 dist.all_gather_single(out, inp)
         _sync(device)

@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from dgc.bench import grad_shapes
 
+from .cost_model import least_wire_bytes
 from .counting import counting_group, init_counting_process_group
 from .interface import barrier_traffic, default_iface, interface_bytes
 from .interleave import run_interleaved
@@ -45,8 +46,9 @@ log = logging.getLogger("dgc.bench")
 
 
 def _wire_note(result: MethodResult, iface: str, n: int) -> str:
-    gathers = all(op["op"] != "all_reduce" for op in result.ops)
-    least = result.payload_bytes * ((n - 1) if gathers else 2 * (n - 1) / n)
+    # the collectives' own figure per step (the ops are every measured step's)
+    least = least_wire_bytes(result.ops, n) * result.payload_bytes / max(
+        sum(op["bytes"] for op in result.ops), 1)
     if iface != "lo" and result.tx_bytes < 0.9 * least:
         return (f"{iface} carried {result.tx_bytes:.0f} B/step, less than the collectives' "
                 f"{least:.0f}: the traffic went another way (RDMA, NVLink, another interface)")
