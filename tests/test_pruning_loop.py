@@ -27,7 +27,8 @@ def test_agp_bank_balanced_with_topk_and_dgc_in_the_loop(tmp_path):
            str(HERE / "prune_loop_worker.py"), *QUICK, f"hydra.run.dir={out}",
            "train.max_steps=8", "+prune=agp_bank_balanced", "+act=topk", "+compress=dgc",
            "compress.warmup_epochs=null",  # DGC's final density from step 3 on
-           "prune.schedule.end_step=6", "prune.schedule.frequency=2"]
+           "prune.schedule.end_step=6", "prune.schedule.frequency=2",
+           "prune.min_numel=0", "prune.schedule.sparsity=0.9"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PRUNE_LOOP_RECORD": str(record)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env,
                           cwd=tmp_path)
