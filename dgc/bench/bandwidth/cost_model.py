@@ -16,7 +16,7 @@ __all__ = ["GATHER_METHODS", "Network", "Traffic", "break_even", "copies", "copi
            "cross", "estimate_s", "least_wire_bytes", "predict_step", "ring_allreduce_s"]
 
 #: Methods whose message travels by allgather (each node sends it to N-1 peers).
-GATHER_METHODS = ("topk", "dgc", "dgc-fp16", "dgc-node", "dgc@0.25")
+GATHER_METHODS = ("topk", "dgc", "dgc-fp16", "dgc-int8", "dgc-node", "dgc@0.25")
 
 
 def copies(ops: list[dict[str, Any]], n: int) -> float:
