@@ -87,7 +87,7 @@ def ddp_comm_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Fut
                       undo=functools.partial(send.undo, state))
         return buffer
 
-    fut = session.track(send, work.get_future(), finish)  # waited for, and its callback dropped, in Step V
+    fut = session.track(send, work, finish)  # waited for, and its callback dropped, in Step V
     if bucket.is_last():  # Step V: the step as a whole
         failures = session.finish_step()
         if failures:

@@ -14,11 +14,13 @@ the state is attached, and the global hook removes itself once no session is lef
 
 Nothing of a step outlives it in a gloo thread that needs the GIL (docs/reliability.md#clean-exit): a
 gloo worker thread that takes the GIL while the interpreter finalizes calls ``std::terminate``
-("terminate called without an active exception").  Two such takers, both seen in core dumps of the
+("terminate called without an active exception").  Three such takers, all seen in core dumps of the
 README's toy script: the disposal of a ``Future.then`` Python callback after the future completed
-(``PythonFunctionGuard``), which :meth:`DDPSession.finish_step` waits for; and the destructor of a
-``Work`` whose captured thread-local state holds the Python ``contextvars`` context that ``backward()``
-stashes, which :func:`hook_without_python_tls` keeps out of our collectives.
+(``PythonFunctionGuard``), which :meth:`DDPSession.finish_step` waits for; the destructor of a ``Work``
+whose captured thread-local state holds the Python ``contextvars`` context that ``backward()`` stashes,
+which :func:`hook_without_python_tls` keeps out of our collectives; and the same destructor releasing
+its tensors (each has a Python object), which holding the works until the next step keeps off the gloo
+threads.
 """
 
 from __future__ import annotations
@@ -62,6 +64,9 @@ class Flight:
     """One bucket's communication of this step."""
 
     send: Send
+    work: dist.Work
+    """Held until the next step: the gloo thread's release of it is then never the last one (the last
+    release drops the work's tensors, and a tensor with a Python object takes the GIL)."""
     future: torch.futures.Future[Any]
     """The future of the bucket's ``Future.then`` callback (what DDP waits for)."""
     released: threading.Event
@@ -127,6 +132,7 @@ class DDPSession:
         self._sent: dict[str, SentPart] = {}
         self._optimizer_hook: Any = None
         self._flights: list[Flight] = []
+        self._works: list[dist.Work] = []
         """This step's groups and their futures, until the last bucket's call has waited for them."""
         self._sends: list[Send] = []
         """The last finished step's groups (futures dropped: nothing of ours outlives a step)."""
@@ -172,13 +178,13 @@ class DDPSession:
         self.micro.optimizer_stepped()
 
     def track(
-        self, send: Send, work: torch.futures.Future[Any], callback: Callable[[Any], Any]
+        self, send: Send, work: dist.Work, callback: Callable[[Any], Any]
     ) -> torch.futures.Future[Any]:
-        """``work.then(callback)`` for a bucket's communication, tracked until the last bucket's call:
-        the future to hand DDP."""
+        """``work.get_future().then(callback)`` for a bucket's communication, tracked until the last
+        bucket's call: the future to hand DDP."""
         released = threading.Event()
-        fut = work.then(_DropSignal(callback, released))  # torch holds the only reference to the signal
-        self._flights.append(Flight(send, fut, released))
+        fut = work.get_future().then(_DropSignal(callback, released))  # torch: the only reference
+        self._flights.append(Flight(send, work, fut, released))
         return fut
 
     def ledger(self, step: int) -> StepLedger:
@@ -224,6 +230,7 @@ class DDPSession:
         finally:  # also when a callback raised: its disposal still takes the GIL
             self._await_release()
         self._sends = [flight.send for flight in self._flights]
+        self._works = [flight.work for flight in self._flights]  # the last step's, dropped at the next
         self._flights.clear()
         return list(self._ledger.failures) if self._ledger is not None else []
 
