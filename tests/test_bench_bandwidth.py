@@ -451,3 +451,26 @@ def test_quantized_methods_byte_counts(tmp_path: Path) -> None:
             assert r["payload_bytes"] < 4 * sum(p.numel() for p in params.values())
             raw_tx = r["tx_bytes"] + r["barrier_tx_bytes"]  # lo: both ranks' traffic
             assert raw_tx >= n * (n - 1) * sum(ag) * 2
+
+
+@pytest.mark.parametrize("method", ["int8", "terngrad", "qsgd", "dgc-int8"])
+def test_parity_rows_for_the_quantized_methods_compose(method: str) -> None:
+    """launch/parity.py's new rows: the overrides it passes compose with the task's experiment and
+    build the training loop's class with the intended settings."""
+    from hydra.utils import instantiate
+    from test_conf_compose import _compose
+
+    from dgc.bench import parity
+    from dgc.quant import QuantConfig
+
+    task = parity.TASKS["mnist"]
+    cmd = parity.command(task, method, 4, Path("/tmp/run"), [])
+    overrides = [a for a in cmd if "=" in a and not a.startswith(("--", "hydra."))]
+    assert overrides[0] == f"experiment={task.experiment}"
+    # DGC-based rows get the task's density warm-up like dgc and topk; the quantized ones do not.
+    assert ("compress.warmup_epochs=1" in overrides) == (method == "dgc-int8")
+    comm = instantiate(_compose(*overrides).compress)
+    if method == "dgc-int8":
+        assert comm.config.value_dtype == "int8" and comm.config.density == 0.001
+    else:
+        assert isinstance(comm.quant_config, QuantConfig) and comm.quant_config.method == method
