@@ -35,8 +35,19 @@ def _entry(rank: int, world_size: int, init_file: str, fn: Callable, args: tuple
 def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0) -> list[Any]:
     """``fn(rank, world_size, *args)`` in ``world_size`` spawned processes; returns results by rank.
 
-    ``fn`` must be importable (defined at module level).  Any rank's exception fails the call.
+    ``fn`` must be importable (defined at module level).  Any rank's exception fails the call.  A gloo
+    group that could not even connect (another process took a port on this busy machine) is retried
+    once: that is the machine, not the code under test.
     """
+    try:
+        return _run_once(fn, world_size, *args, timeout=timeout)
+    except RuntimeError as exc:
+        if "connectFullMesh" not in str(exc) or "init_process_group" not in str(exc):
+            raise
+        return _run_once(fn, world_size, *args, timeout=timeout)
+
+
+def _run_once(fn: Callable, world_size: int, *args: Any, timeout: float) -> list[Any]:
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     with tempfile.TemporaryDirectory() as tmp:
