@@ -91,8 +91,9 @@ def ddp_comm_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Fut
     if bucket.is_last():  # Step V: the step as a whole
         failures = session.finish_step()
         if failures:
-            _fail(state, session, failures, layout.names)
-        state.end_step()
+            _fail(state, session, failures, layout.names)  # not counted; raises unless "propagate"
+        else:
+            state.end_step()
     return fut
 
 

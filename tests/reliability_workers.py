@@ -143,3 +143,25 @@ def hierarchy(rank: int, world: int, cfg: dict, steps: int = 4) -> dict:
         out[mode + "_received"] = received
         out[mode + "_sparse"] = state.stats.sparse_buckets
     return out
+
+
+def nan_propagate(rank: int, world: int, steps: int = 4, bad: int = 2) -> dict:
+    """nonfinite="propagate": the failed step hands NaN to every rank and is not counted."""
+    torch.manual_seed(0)
+    ddp = DDP(ToyModel())
+    opt = dgc.DGCSGD(ddp.parameters(), lr=0.05)
+    cfg = dgc.DGCConfig(density=0.05, min_compress_numel=16, nonfinite="propagate")
+    state = dgc.register(ddp, opt, cfg)
+    steps_seen, all_nan = [], []
+    for step, ((x, y),) in enumerate(_data(rank, steps, 1)):
+        opt.zero_grad()
+        if step == bad and rank == 1:
+            x = x.clone()
+            x[0, 0] = float("nan")
+        nn.functional.mse_loss(ddp(x), y).backward()
+        grads = [p.grad for p in ddp.module.parameters()]
+        all_nan.append(all(bool(torch.isnan(g).all()) for g in grads))
+        if not all_nan[-1]:
+            opt.step()
+        steps_seen.append(state.step)
+    return {"steps": steps_seen, "all_nan": all_nan}

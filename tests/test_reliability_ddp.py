@@ -13,6 +13,7 @@ from reliability_workers import (
     hierarchy,
     mismatch,
     nan_on_one_rank,
+    nan_propagate,
 )
 
 pytestmark = pytest.mark.timeout(180)
@@ -103,3 +104,9 @@ def test_node_hierarchy_with_int8_values_tracks_flat() -> None:
         assert r["node_sparse"] > 0
         for n, p in r["flat"].items():
             torch.testing.assert_close(r["node"][n], p, rtol=0, atol=2e-3)
+
+
+def test_nan_with_propagate_hands_nan_everywhere_and_is_not_counted() -> None:
+    for r in run_distributed(nan_propagate, 2, timeout=120):
+        assert r["all_nan"] == [False, False, True, False]  # every gradient of the failed step, every rank
+        assert r["steps"] == [1, 2, 2, 3]
