@@ -108,6 +108,11 @@ def DistributedOptimizer(  # noqa: N802 - named like hvd.DistributedOptimizer on
     if not isinstance(config, DGCConfig):
         raise TypeError(f"config must be a dgc.DGCConfig, got {type(config).__name__}")
     _check_passes(backward_passes_per_step)
+    if config.hierarchy != "flat":
+        raise ValueError(
+            f"DGCConfig.hierarchy = {config.hierarchy!r} is not supported by dgc.horovod yet (the DDP hook "
+            "has it): use DGCConfig(hierarchy='flat') with Horovod, or DDP with hierarchy='node'."
+        )
     check_optimizer(optimizer, config)
     named = _named_parameters(optimizer, named_parameters)
 
