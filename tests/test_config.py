@@ -83,3 +83,15 @@ def test_no_warmup_no_dense():
 def test_k_is_ceil_of_density_times_live():
     st = dgc.DGCState(dgc.DGCConfig(density=0.001, dense_steps=0), [("w", torch.nn.Parameter(torch.zeros(300, 301)))])
     assert st.k_for("w") == math.ceil(0.001 * 300 * 301)
+
+
+def test_node_hierarchy_without_nodes_is_refused_with_the_fix(monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    params = [("w", torch.nn.Parameter(torch.zeros(4, 4)))]
+    with pytest.raises(ValueError, match="node_groups"):
+        dgc.DGCState(dgc.DGCConfig(hierarchy="node"), params)
+    dgc.DGCState(dgc.DGCConfig(hierarchy="node"), params, node_groups=[[0]])  # explicit nodes: fine
+    with pytest.raises(ValueError, match="policy"):
+        dgc.DGCConfig(policy="fastest")
+    with pytest.raises(ValueError, match="policy_interval"):
+        dgc.DGCConfig(policy_interval=0)
