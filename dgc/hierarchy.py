@@ -3,10 +3,11 @@
 With N processes on ``n`` nodes of ``L`` processes each, flat DGC makes every process receive N-1
 messages, most of them over the slow inter-node links.  Here, per bucket:
 
-    1. the bucket is averaged densely inside the node (an allreduce over the node's fast links);
-    2. each local rank owns a share of the bucket's tensors (whole tensors, balanced by size, the same
-       split on every node) and runs DGC on its share only, against the same local rank of the other
-       nodes: its momentum and residual hold its share, the rest of its state stays zero;
+    1. each local rank owns a share of the bucket's tensors (whole tensors, balanced by message bytes,
+       the same split on every node); each share is summed densely inside the node onto its owner (a
+       reduce per share over the node's fast links: a reduce-scatter's bytes) and averaged;
+    2. each local rank runs DGC on its share only, against the same local rank of the other nodes: its
+       momentum and residual hold its share, the rest of its state stays zero;
     3. one all-gather over all processes of the shares' messages (padded to the largest share): a rank
        receives, per node, L messages that together cover the bucket once, so the bytes it receives
        from other nodes are those of about ``n - 1`` whole messages instead of ``(n - 1) L``;
@@ -149,9 +150,8 @@ class NodeTopology:
     def encode(self, state: DGCState, layout: BucketLayout, buffer: Tensor) -> tuple[Send, list[BucketLayout], int]:
         """Steps 1-2: the node average, then this rank's share through the codec.  Returns the send,
         every share's layout and the padded message size (0 for a dense bucket)."""
-        dist.all_reduce(buffer, group=self.intra)
-        buffer.div_(self.local_size)
         shares = self.shares(state, layout)
+        self._reduce_to_owners(state, shares, buffer)
         mine = shares[self.local_rank]
         keep = torch.zeros(buffer.numel(), dtype=torch.bool, device=buffer.device)
         for off, numel in zip(mine.offsets, mine.numels, strict=True):
@@ -163,6 +163,27 @@ class NodeTopology:
         if not layout.compressed:
             send.payload, send.live = buffer, None  # every rank reduces the whole (zero-padded) bucket
         return send, shares, width
+
+    def _reduce_to_owners(self, state: DGCState, shares: list[BucketLayout], buffer: Tensor) -> None:
+        """Step 1: each share's tensors summed over the node onto their owner, who divides by the node
+        size (one reduce per share: the bytes of a reduce-scatter, half those of an allreduce)."""
+        group = state.process_group
+        for j, share in enumerate(shares):
+            if not share.names:
+                continue
+            parts = [buffer[o : o + n] for o, n in zip(share.offsets, share.numels, strict=True)]
+            flat = parts[0] if len(parts) == 1 else torch.cat(parts)
+            owner = self.nodes[self.node][j]
+            dist.reduce(flat, dst=owner if group is None else dist.get_global_rank(group, owner),
+                        group=self.intra)
+            if j != self.local_rank:
+                continue  # the others' entries are zeroed by the caller
+            flat.div_(self.local_size)
+            if len(parts) > 1:
+                start = 0
+                for part in parts:
+                    part.copy_(flat[start : start + part.numel()])
+                    start += part.numel()
 
     def decode(self, state: DGCState, shares: list[BucketLayout], gathered: Tensor, width: int, out: Tensor) -> str | None:
         """Steps 3-4: sum each share's n messages into ``out`` (float32 work, divided by n)."""
