@@ -149,6 +149,11 @@ class CountingProcessGroup(dist.ProcessGroup):
     def barrier(self, *args: Any, **kwargs: Any) -> Any:
         return self.inner.barrier(*args, **kwargs)
 
+    def reduce(self, tensors: list[torch.Tensor], *args: Any, **kwargs: Any) -> Any:
+        """``dist.reduce`` (hierarchy="node" sums each share onto its owner inside a node's group).
+        Passed through, not recorded: the replay models the default group's collectives only."""
+        return self.inner.reduce(tensors, *args, **kwargs)
+
 
 def _gloo(store: Any, rank: int, size: int, timeout: datetime.timedelta) -> CountingProcessGroup:
     inner = dist.ProcessGroupGloo(store, rank, size, timeout)  # honours GLOO_SOCKET_IFNAME
