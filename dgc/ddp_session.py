@@ -42,7 +42,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .accumulation import MicroBatches
 from .codec import Send, SentPart
-from .hierarchy import NodeTopology
+from .hierarchy_dist import TorchNodeTopology
 from .ledger import StepLedger
 from .state import DGCState
 
@@ -139,7 +139,7 @@ class DDPSession:
         self.last_groups: list[tuple[str, ...]] = []
         """The buckets (tensor names) of the last step, in launch order."""
         self._last_done = 0.0
-        self._topology: NodeTopology | None = None
+        self._topology: TorchNodeTopology | None = None
         self.micro = MicroBatches()
         """Synchronized micro-batches (gradient accumulation without ``no_sync()``)."""
         _looking.add(self)
@@ -163,13 +163,13 @@ class DDPSession:
         step waits for all of them.)"""
         self.micro.before_encode(state, names, buffer)
 
-    def topology(self, state: DGCState) -> NodeTopology | None:
+    def topology(self, state: DGCState) -> TorchNodeTopology | None:
         """``hierarchy="node"``: the nodes and this node's process group (built at the first call, the
         same point on every rank); None for ``"flat"`` or a single process."""
         if state.config.hierarchy != "node" or state.world_size == 1:
             return None
         if self._topology is None:
-            self._topology = NodeTopology.build(state, state.node_groups)
+            self._topology = TorchNodeTopology.build(state, state.node_groups)
         return self._topology
 
     def optimizer_stepped(self) -> None:

@@ -1,11 +1,12 @@
-"""``DGCConfig(hierarchy="node")``: dense inside a node, DGC between nodes.
+"""``DGCConfig(hierarchy="node")``: dense inside a node, DGC between nodes (transport-neutral part).
 
 With N processes on ``n`` nodes of ``L`` processes each, flat DGC makes every process receive N-1
-messages, most of them over the slow inter-node links.  Here, per bucket:
+messages, most of them over the slow inter-node links.  Here, per bucket (a DDP bucket, or a Horovod
+bucket of :mod:`dgc.hierarchy_horovod_steps`):
 
     1. each local rank owns a share of the bucket's tensors (whole tensors, balanced by message bytes,
        the same split on every node); each share is summed densely inside the node onto its owner (a
-       reduce per share over the node's fast links: a reduce-scatter's bytes) and averaged;
+       reduce per share, or one reduce-scatter: a reduce-scatter's bytes) and averaged;
     2. each local rank runs DGC on its share only, against the same local rank of the other nodes: its
        momentum and residual hold its share, the rest of its state stays zero;
     3. one all-gather over all processes of the shares' messages (padded to the largest share): a rank
@@ -13,10 +14,17 @@ messages, most of them over the slow inter-node links.  Here, per bucket:
        from other nodes are those of about ``n - 1`` whole messages instead of ``(n - 1) L``;
     4. every rank sums the n messages of each share and divides by n.
 
-Every local rank works (no leader idles), every collective is issued from the hook call itself, and the
-invariant holds per share: what the owners sent plus their residuals equals the node-averaged,
-momentum-corrected gradients.  Dense steps (and ``policy="dense"`` buckets) do the same with a dense
-payload: owners put their share's v in the buffer, the others zeros, and one allreduce sums the nodes.
+Every local rank works (no leader idles), and the invariant holds per share: what the owners sent plus
+their residuals equals the node-averaged, momentum-corrected gradients.  Dense steps (and
+``policy="dense"`` buckets) do the same with a dense payload: owners put their share's v in the buffer,
+the others zeros, and one allreduce sums the nodes.
+
+This module holds everything that does not depend on the transport: the nodes and their checks, the
+byte-balanced owners, the share layouts, the state migration, the encoding of this rank's share and the
+decoding of the gathered share messages.  The collectives (the reduce onto the owners inside the node,
+the all-gather, the migration's sum inside the node) are the transports' own:
+:class:`dgc.hierarchy_dist.TorchNodeTopology` (torch.distributed, the DDP hook) and
+:class:`dgc.hierarchy_horovod.HorovodNodeTopology` (Horovod process sets).
 """
 
 from __future__ import annotations
@@ -24,16 +32,26 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from .codec import Send
-from .state import DGCState
 from .wire import FLAG_NONFINITE, BucketLayout, MessageView, unpack_positions, wire_values
 
-__all__ = ["NodeTopology", "node_groups_from_env"]
+if TYPE_CHECKING:
+    from .state import DGCState
+
+__all__ = [
+    "NodePlace",
+    "NodeTopology",
+    "check_node_groups",
+    "node_groups_from_env",
+    "node_groups_from_places",
+    "pack_share",
+    "unpack_share",
+]
 
 
 def node_groups_from_env(world_size: int) -> list[list[int]]:
@@ -53,15 +71,76 @@ def node_groups_from_env(world_size: int) -> list[list[int]]:
     return [list(range(s, s + size)) for s in range(0, world_size, size)]
 
 
+@dataclass(frozen=True, slots=True)
+class NodePlace:
+    """Where one process runs, as its launcher reports it (Horovod: ``hvd.cross_rank()``,
+    ``hvd.local_rank()``)."""
+
+    node: int
+    """The node's index (Horovod's cross rank)."""
+    local_rank: int
+    """The process's index inside its node."""
+
+
+def node_groups_from_places(places: Sequence[NodePlace]) -> list[list[int]]:
+    """The nodes (lists of ranks, by local rank) of processes whose places are ``places[rank]``."""
+    nodes: dict[int, list[tuple[int, int]]] = {}
+    for rank, place in enumerate(places):
+        nodes.setdefault(place.node, []).append((place.local_rank, rank))
+    return [[rank for _, rank in sorted(members)] for _, members in sorted(nodes.items())]
+
+
+def check_node_groups(nodes: Sequence[Sequence[int]], world_size: int) -> list[list[int]]:
+    """``nodes`` as lists of ranks, each sorted, after checking that they cover ``0..world_size-1``
+    once and are all the same size (``ValueError`` naming the fix otherwise)."""
+    out = [sorted(int(r) for r in g) for g in nodes]
+    flat = sorted(r for g in out for r in g)
+    if flat != list(range(world_size)):
+        raise ValueError(
+            f"node_groups {out} must list every rank 0..{world_size - 1} exactly once (ranks of the DGC "
+            "process group or Horovod process set)."
+        )
+    if len({len(g) for g in out}) != 1:
+        raise ValueError(
+            f"DGCConfig.hierarchy='node' needs the same number of processes on every node; the nodes "
+            f"have sizes {[len(g) for g in out]}. Launch equal nodes, pass node_groups with equal "
+            "groups, or use hierarchy='flat'."
+        )
+    return out
+
+
+def pack_share(share: BucketLayout, buffer: Tensor) -> Tensor:
+    """The share's entries of ``buffer`` back to back (a view when the share is one tensor)."""
+    parts = [buffer[o : o + n] for o, n in zip(share.offsets, share.numels, strict=True)]
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat(parts) if parts else buffer[:0]
+
+
+def unpack_share(share: BucketLayout, flat: Tensor, buffer: Tensor) -> None:
+    """Write ``flat`` (the share's entries back to back) into their places in ``buffer``."""
+    start = 0
+    for off, numel in zip(share.offsets, share.numels, strict=True):
+        part = buffer[off : off + numel]
+        if part.data_ptr() != flat.data_ptr() + start * flat.element_size():
+            part.copy_(flat[start : start + numel])
+        start += numel
+
+
 @dataclass(kw_only=True)
 class NodeTopology:
-    """Where this rank sits: its node's ranks, its local rank, and the node's process group."""
+    """Where this rank sits (its node's ranks, its local rank), and the transport-neutral steps.
+
+    A transport subclasses it with its collectives: :meth:`_reduce_to_owners` (step 1) and
+    :meth:`_node_sum` (the migration); it issues the all-gather (step 3) itself."""
 
     nodes: list[list[int]]
-    """Ranks (of the DGC process group) of every node; all nodes the same size."""
+    """Ranks (of the DGC process group or Horovod process set) of every node; all nodes the same size."""
     node: int
     local_rank: int
-    intra: dist.ProcessGroup | None
+    intra: Any = None
+    """The transport's handle of this rank's node (a torch process group, a Horovod process set; None
+    where nothing is communicated, e.g. a cost model's split)."""
     owner_of: dict[str, int] = field(default_factory=dict)
     """The local rank that holds each tensor's momentum and residual."""
 
@@ -73,33 +152,21 @@ class NodeTopology:
     def n_nodes(self) -> int:
         return len(self.nodes)
 
-    @classmethod
-    def build(cls, state: DGCState, node_groups: Sequence[Sequence[int]] | None) -> NodeTopology:
-        """Check ``node_groups`` (or find the nodes in torchrun's environment) and make one process
-        group per node (a collective call: every rank builds its topology at the same point)."""
-        n, rank = state.world_size, state.rank
-        nodes = [list(g) for g in node_groups] if node_groups is not None else node_groups_from_env(n)
-        flat = sorted(r for g in nodes for r in g)
-        if flat != list(range(n)):
-            raise ValueError(
-                f"node_groups {nodes} must list every rank 0..{n - 1} exactly once (ranks of the DGC "
-                "process group)."
-            )
-        if len({len(g) for g in nodes}) != 1:
-            raise ValueError(
-                f"DGCConfig.hierarchy='node' needs the same number of processes on every node; "
-                f"node_groups has sizes {[len(g) for g in nodes]}. Launch equal nodes, or use "
-                "hierarchy='flat'."
-            )
-        group = state.process_group
-        intra = None
-        for members in nodes:  # every rank creates every node's group, in the same order
-            ranks = [r if group is None else dist.get_global_rank(group, r) for r in members]
-            made = dist.new_group(ranks)
-            if rank in members:
-                intra = made
+    @staticmethod
+    def place_of(nodes: list[list[int]], rank: int) -> tuple[int, int]:
+        """(node, local rank) of ``rank``."""
         node = next(i for i, g in enumerate(nodes) if rank in g)
-        return cls(nodes=nodes, node=node, local_rank=nodes[node].index(rank), intra=intra)
+        return node, nodes[node].index(rank)
+
+    # ------------------------------------------------------------------ the transport's collectives
+    def _reduce_to_owners(self, state: DGCState, shares: list[BucketLayout], buffer: Tensor) -> None:
+        """Step 1: each share's entries of ``buffer`` summed over the node onto its owner, who divides by
+        the node size (the other entries of ``buffer`` are then free: :meth:`encode_share` zeroes them)."""
+        raise NotImplementedError
+
+    def _node_sum(self, t: Tensor, name: str) -> None:
+        """Sum ``t`` in place over this rank's node (``name``: a name the same on every rank)."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ shares
     def owners(self, layout: BucketLayout) -> list[int]:
@@ -116,10 +183,9 @@ class NodeTopology:
             load[j] += weight[i]
         return owner
 
-    def shares(self, state: DGCState, layout: BucketLayout) -> list[BucketLayout]:
-        """Every local rank's share of the bucket as a layout with bucket positions."""
+    def plan(self, state: DGCState, layout: BucketLayout) -> list[BucketLayout]:
+        """Every local rank's share of the bucket as a layout with bucket positions (no collective)."""
         owner = self.owners(layout)
-        self._migrate(state, layout.names, owner)
         span = sum(layout.numels)
         out = []
         for j in range(self.local_size):
@@ -130,63 +196,70 @@ class NodeTopology:
             ))
         return out
 
-    def _migrate(self, state: DGCState, names: tuple[str, ...], owner: list[int]) -> None:
+    def shares(self, state: DGCState, layout: BucketLayout) -> list[BucketLayout]:
+        """:meth:`plan`, then :meth:`migrate` the state of tensors whose owner changed."""
+        shares = self.plan(state, layout)
+        self.migrate(state, shares)
+        return shares
+
+    def migrate(self, state: DGCState, shares: list[BucketLayout]) -> None:
         """DDP rebuilds its buckets after the first step (and a resumed run starts from other buckets),
         which can move a tensor to another local owner: the holder's momentum and residual move with it
-        (an allreduce inside the node, where the others hold zeros), so nothing is lost or left behind."""
-        for name, j in zip(names, owner, strict=True):
-            before = self.owner_of.get(name)
-            self.owner_of[name] = j
-            if before == j:  # (None, the first sight: a resumed run's state may sit at another rank)
-                continue
-            mem = state.memory[name]
-            for t in (mem.residual, mem.momentum):
-                if t is not None:
-                    dist.all_reduce(t, group=self.intra)
-                    if j != self.local_rank:
-                        t.zero_()
+        (a sum inside the node, where the others hold zeros), so nothing is lost or left behind.  A
+        tensor seen for the first time is summed too: a resumed run's state may sit at another rank."""
+        for j, share in enumerate(shares):
+            for name in share.names:
+                before = self.owner_of.get(name)
+                self.owner_of[name] = j
+                if before == j:
+                    continue
+                mem = state.memory[name]
+                for what, t in (("residual", mem.residual), ("momentum", mem.momentum)):
+                    if t is not None:
+                        self._node_sum(t, f"dgc.node.migrate.{what}.{name}")
+                        if j != self.local_rank:
+                            t.zero_()
 
     # ------------------------------------------------------------------ one bucket
     def encode(self, state: DGCState, layout: BucketLayout, buffer: Tensor) -> tuple[Send, list[BucketLayout], int]:
-        """Steps 1-2: the node average, then this rank's share through the codec.  Returns the send,
-        every share's layout and the padded message size (0 for a dense bucket)."""
+        """Steps 1-2 with blocking collectives: the node average, then this rank's share through the
+        codec.  Returns the send, every share's layout and the padded message size (0: dense)."""
         shares = self.shares(state, layout)
         self._reduce_to_owners(state, shares, buffer)
+        send, width = self.encode_share(state, layout, shares, buffer)
+        return send, shares, width
+
+    def encode_share(self, state: DGCState, layout: BucketLayout, shares: list[BucketLayout],
+                     buffer: Tensor) -> tuple[Send, int]:
+        """Step 2, once ``buffer`` holds the node average of this rank's share: the other entries are
+        zeroed (their owners send them) and the share goes through the codec.  Returns the send and the
+        padded message size (0 for a dense bucket, whose payload is the whole zero-padded buffer, to
+        be summed over all processes after a division by :attr:`n_nodes`)."""
         mine = shares[self.local_rank]
-        keep = torch.zeros(buffer.numel(), dtype=torch.bool, device=buffer.device)
-        for off, numel in zip(mine.offsets, mine.numels, strict=True):
-            keep[off : off + numel] = True
-        buffer.masked_fill_(~keep, 0)  # not my share: the owner sends it
+        start = 0
+        for off, numel in sorted(zip(mine.offsets, mine.numels, strict=True)):
+            buffer[start:off].zero_()  # not my share: the owner sends it
+            start = off + numel
+        buffer[start:].zero_()
         width = max(s.message_bytes for s in shares) if layout.compressed else 0
         send = state.codec.encode(mine, buffer, track=state.track_sent, message_bytes=width,
                                   as_message=layout.compressed)
         if not layout.compressed:
             send.payload, send.live = buffer, None  # every rank reduces the whole (zero-padded) bucket
-        return send, shares, width
+        return send, width
 
-    def _reduce_to_owners(self, state: DGCState, shares: list[BucketLayout], buffer: Tensor) -> None:
-        """Step 1: each share's tensors summed over the node onto their owner, who divides by the node
-        size (one reduce per share: the bytes of a reduce-scatter, half those of an allreduce)."""
-        group = state.process_group
-        for j, share in enumerate(shares):
-            if not share.names:
-                continue
-            parts = [buffer[o : o + n] for o, n in zip(share.offsets, share.numels, strict=True)]
-            flat = parts[0] if len(parts) == 1 else torch.cat(parts)
-            owner = self.nodes[self.node][j]
-            dist.reduce(flat, dst=owner if group is None else dist.get_global_rank(group, owner),
-                        group=self.intra)
-            if j != self.local_rank:
-                continue  # the others' entries are zeroed by the caller
-            flat.div_(self.local_size)
-            if len(parts) > 1:
-                start = 0
-                for part in parts:
-                    part.copy_(flat[start : start + part.numel()])
-                    start += part.numel()
+    def padded(self, state: DGCState, send: Send, width: int) -> Tensor:
+        """This rank's message in ``width`` bytes (every share's message is padded to the largest)."""
+        message = send.message
+        if message.numel() == width:
+            return message
+        out = state.codec.scratch(send.layout, message.device, "padded", width, torch.uint8)
+        out[: message.numel()].copy_(message)
+        return out
 
     def decode(self, state: DGCState, shares: list[BucketLayout], gathered: Tensor, width: int, out: Tensor) -> str | None:
-        """Steps 3-4: sum each share's n messages into ``out`` (float32 work, divided by n)."""
+        """Steps 3-4: sum each share's n messages into ``out`` (float32 work, divided by n); ``gathered``
+        holds every rank's padded message, by rank.  Returns None, or who sent a non-finite gradient."""
         rows = gathered.view(-1, width)
         acc = torch.zeros(out.numel(), dtype=torch.float32, device=out.device)
         bad = []

@@ -34,7 +34,7 @@ Horovod is imported when this module is imported, never by ``import dgc``.  Inst
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -70,6 +70,7 @@ def DistributedOptimizer(  # noqa: N802 - named like hvd.DistributedOptimizer on
     config: DGCConfig | None = None,
     backward_passes_per_step: int = 1,
     process_set: Any = None,
+    node_groups: Sequence[Sequence[int]] | None = None,
 ) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` so that ``step()`` applies the DGC average of all workers' gradients.
 
@@ -91,6 +92,11 @@ def DistributedOptimizer(  # noqa: N802 - named like hvd.DistributedOptimizer on
         config: :class:`dgc.DGCConfig` (None: the defaults).
         backward_passes_per_step: backward passes accumulated locally before communicating (>= 1).
         process_set: a Horovod process set to reduce over (None: all processes).
+        node_groups: with ``DGCConfig(hierarchy="node")``, the ranks (in ``process_set``) of each node,
+            e.g. ``[[0, 1], [2, 3]]``; None: from ``hvd.cross_rank()``/``hvd.local_rank()`` (every
+            host must run the same number of processes).  Intra-node collectives need one Horovod
+            process set per node: ``hvd.init(process_sets="dynamic")`` (dgc adds them) or the sets
+            passed to ``hvd.init(process_sets=[...])``; see docs/horovod.md.
 
     The result is an instance of the optimizer's own class (so LR schedulers and ``isinstance``
     work) with Horovod's ``synchronize()``, ``skip_synchronize()``, ``set_backward_passes_per_step``
@@ -108,11 +114,6 @@ def DistributedOptimizer(  # noqa: N802 - named like hvd.DistributedOptimizer on
     if not isinstance(config, DGCConfig):
         raise TypeError(f"config must be a dgc.DGCConfig, got {type(config).__name__}")
     _check_passes(backward_passes_per_step)
-    if config.hierarchy != "flat":
-        raise ValueError(
-            f"DGCConfig.hierarchy = {config.hierarchy!r} is not supported by dgc.horovod yet (the DDP hook "
-            "has it): use DGCConfig(hierarchy='flat') with Horovod, or DDP with hierarchy='node'."
-        )
     check_optimizer(optimizer, config)
     named = _named_parameters(optimizer, named_parameters)
 
@@ -126,7 +127,7 @@ def DistributedOptimizer(  # noqa: N802 - named like hvd.DistributedOptimizer on
     )
     wrapped = cls.__new__(cls)
     wrapped.__dict__.update(optimizer.__dict__)
-    wrapped._dgc_setup(named, config, backward_passes_per_step, process_set)
+    wrapped._dgc_setup(named, config, backward_passes_per_step, process_set, node_groups)
     state = wrapped.dgc_state
     if state.rank == 0:
         total = sum(m.numel for m in state.memory.values())

@@ -4,6 +4,7 @@
 Steps in :mod:`dgc.horovod`): gradient hooks that encode groups with the shared :class:`~dgc.codec.Codec`
 and launch Horovod's collectives, ``synchronize()`` that decodes them and settles the step through the
 :class:`~dgc.ledger.StepLedger`, and Horovod's ``step``/``skip_synchronize``/``zero_grad`` semantics.
+With ``DGCConfig(hierarchy="node")`` the groups are node buckets (:mod:`dgc.hierarchy_horovod_steps`).
 Imports Horovod: import it through :mod:`dgc.horovod`, which says how to install Horovod when missing.
 """
 
@@ -14,16 +15,17 @@ import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import horovod.torch as hvd
 import torch
 from torch import Tensor
 
-from .codec import Send
 from .config import DGCConfig
 from .errors import NonFiniteGradientError
+from .hierarchy_horovod import HorovodNodeTopology, node_groups_of
+from .hierarchy_horovod_steps import NodeBuckets
+from .horovod_flight import Flight as _Flight
 from .ledger import StepLedger
 from .state import DGCState
 
@@ -35,6 +37,8 @@ class HorovodDGCState(DGCState):
 
     Only the topology differs; everything DGC keeps (momentum, residual, step, masks, stats) and every
     per-tensor method are the core's.  ``process_set`` None means Horovod's global process set.
+    ``node_groups`` (``DGCConfig(hierarchy="node")``): the ranks (in the process set) of each node; None:
+    found from ``hvd.cross_rank()``/``hvd.local_rank()`` (a collective: every rank builds its state).
     """
 
     def __init__(
@@ -42,6 +46,8 @@ class HorovodDGCState(DGCState):
         config: DGCConfig | None = None,
         named_parameters: Iterable[tuple[str, Tensor]] = (),
         process_set: Any = None,
+        *,
+        node_groups: Any = None,
     ) -> None:
         if not hvd.is_initialized():
             raise RuntimeError(
@@ -49,7 +55,15 @@ class HorovodDGCState(DGCState):
                 "DGC optimizer (the DGC state needs the rank and world size)."
             )
         self.process_set = process_set  # set first: DGCState.__init__ reads self.rank
-        super().__init__(config, named_parameters, None)
+        if config is not None and config.hierarchy == "node":
+            node_groups = node_groups_of(self._set, node_groups)
+        elif node_groups is not None:
+            raise ValueError(
+                "node_groups is only used with DGCConfig(hierarchy='node'); this config has "
+                f"hierarchy={'flat' if config is None else config.hierarchy!r}: drop node_groups or set "
+                "hierarchy='node'."
+            )
+        super().__init__(config, named_parameters, None, node_groups=node_groups)
 
     @property
     def _set(self) -> Any:
@@ -71,30 +85,8 @@ class HorovodDGCState(DGCState):
 
 _GROUPED = "grouped"
 """Marks a small dense tensor whose gradient waits for synchronize()'s grouped allreduce."""
-
-
-@dataclass(kw_only=True, slots=True)
-class _Flight:
-    """A group in flight: the codec's :class:`~dgc.codec.Send`, its Horovod handle, and its parameters
-    (one, or the small tensors of one dtype concatenated)."""
-
-    send: Send
-    handle: int
-    params: list[Tensor]
-    started: float = 0.0
-    """When the collective was launched (``time.perf_counter``), for ``policy="auto"``."""
-    encode_s: float = 0.0
-
-    @property
-    def kind(self) -> str:
-        return "allgather" if self.send.sparse else "allreduce"
-
-    def scatter_back(self) -> None:
-        """Copy the group's average from the codec's buffer into the parameters' gradients."""
-        buffer, layout = self.send.buffer, self.send.layout
-        for p, off, numel in zip(self.params, layout.offsets, layout.numels, strict=True):
-            if p.grad.data_ptr() != buffer.data_ptr() + off * buffer.element_size():
-                p.grad.copy_(buffer[off : off + numel].view_as(p.grad))
+_NODE = "node"
+"""Marks a tensor that went into its node bucket (``hierarchy="node"``)."""
 
 
 class _DGCDistributedOptimizer(torch.optim.Optimizer):
@@ -107,9 +99,16 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
         config: DGCConfig,
         backward_passes_per_step: int,
         process_set: Any,
+        node_groups: Any = None,
     ) -> None:
-        self._dgc = HorovodDGCState(config, named_parameters, process_set)
+        self._dgc = HorovodDGCState(config, named_parameters, process_set, node_groups=node_groups)
         self._process_set = hvd.global_process_set if process_set is None else process_set
+        self._nodes: NodeBuckets | None = None
+        """``hierarchy="node"`` (more than one process): the node buckets."""
+        if config.hierarchy == "node" and self._dgc.world_size > 1 and self._process_set.included():
+            topo = HorovodNodeTopology.build(self._dgc, self._process_set)
+            trained = {id(p) for g in self.param_groups for p in g["params"] if p.requires_grad}
+            self._nodes = NodeBuckets(topo, self._dgc, [(n, p) for n, p in named_parameters if id(p) in trained])
         self._names: dict[Tensor, str] = {p: n for n, p in named_parameters}
         self.backward_passes_per_step = backward_passes_per_step
         self._delay: dict[Tensor, int] = {}
@@ -166,6 +165,9 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
                 f"dgc.horovod: parameter {name!r} has a sparse gradient (nn.Embedding(sparse=True)); "
                 "DGC needs dense gradients: use sparse=False."
             )
+        if self._nodes is not None:
+            self._nodes.ready(p)
+            return _NODE
         if not self._dgc.memory[name].compressed:
             return _GROUPED
         if not p.grad.is_contiguous():
@@ -212,7 +214,11 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
                     p.grad = torch.zeros_like(p)
                 self._handles[p] = self._launch(p)
         flights = [f for f in self._handles.values() if isinstance(f, _Flight)] + self._launch_groups()
+        if self._nodes is not None:
+            flights += self._nodes.launch()
         failed = self._settle(flights)
+        if self._nodes is not None:
+            self._nodes.reset()
         for p in self._delay:
             self._delay[p] = self.backward_passes_per_step
         self._handles.clear()
@@ -233,7 +239,10 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
         state = self._dgc
         if state.step < state.config.dense_steps or not state.policy.due(state.step, state.density):
             return
-        groups = sorted((n,) for n, m in state.memory.items() if m.compressed)
+        if self._nodes is not None:
+            groups = self._nodes.groups()
+        else:
+            groups = sorted((n,) for n, m in state.memory.items() if m.compressed)
         state.policy.decide(state, groups, lambda t: hvd.broadcast_(
             t, root_rank=0, name="dgc.policy", process_set=self._process_set))
 
@@ -259,7 +268,7 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
             send = flight.send
             received = hvd.synchronize(flight.handle)
             arrived = time.perf_counter()
-            who = state.codec.decode(send, received)
+            who = flight.decode(state, received)
             if who is not None:
                 send.buffer.fill_(float("nan"))
                 failed.extend(send.layout.names)
@@ -350,6 +359,8 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
         super(self.__class__, self).load_state_dict(sd)
         if dgc_sd is not None:
             self._dgc.load_state_dict(dgc_sd)
+            if self._nodes is not None:  # the saved shares may sit at other local ranks: sum them again
+                self._nodes.topo.owner_of.clear()
 
 
 def _check_passes(passes: object) -> None:
