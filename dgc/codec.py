@@ -80,6 +80,9 @@ class Send:
     values: Tensor | None = None
     parts: list[SentPart] = field(default_factory=list)
     """Per tensor, what was sent (to give back what reached no parameter; see the DDP session)."""
+    direct: tuple[bool, ...] = ()
+    """Dense group: per tensor, whether its payload took the direct path (v untouched; see
+    :meth:`dgc.state.DGCState.compress_dense_in_place`)."""
 
     @property
     def sparse(self) -> bool:
@@ -92,13 +95,20 @@ class Send:
         if not self.finite:
             return
         sent_dtype = self.layout.wire_dtype if self.sparse else self.buffer.dtype
-        for name, k in zip(self.layout.names, self.layout.ks, strict=True):
-            if k == 0:
+        direct = self.direct or (False,) * len(self.layout.names)
+        for name, k, d in zip(self.layout.names, self.layout.ks, direct, strict=True):
+            if k == 0 and not d:
                 state.finish_dense(name, sent_dtype, True)
 
     def undo(self, state: DGCState) -> None:
-        """The step failed somewhere: put this worker's sent pairs back (dense payloads never left v)."""
-        if not self.finite or not self.sparse:
+        """The step failed somewhere: put this worker's sent pairs back (dense payloads never left v, but
+        those of the direct path never entered it)."""
+        if not self.finite:
+            return
+        if not self.sparse:
+            for name, d in zip(self.layout.names, self.direct, strict=False):
+                if d:
+                    state.undo_dense_direct(name)
             return
         pair = 0
         for name, off, k in zip(self.layout.names, self.layout.offsets, self.layout.ks, strict=True):
@@ -223,28 +233,37 @@ class Codec:
         track: bool = False,
         message_bytes: int | None = None,
         as_message: bool | None = None,
+        divide: int = 1,
     ) -> Send:
         """This worker's contribution of the group in ``buffer`` (local gradients, flat; modified in place).
 
-        Sparse groups get a message; dense groups get a payload to be *summed* by the transport (divide
-        by N before a sum, or reduce with an average).  ``track`` records per tensor what was sent;
-        ``as_message`` forces a message (a share of a sparse bucket that holds no sparse tensor)."""
+        Sparse groups get a message; dense groups get a payload to be *summed* by the transport, already
+        divided by ``divide`` (pass N before a sum, or keep 1 and reduce with an average).  ``track``
+        records per tensor what was sent; ``as_message`` forces a message (a share of a sparse bucket
+        that holds no sparse tensor)."""
         finite = self.state.finite(buffer)
         message = layout.compressed if as_message is None else as_message
-        send = self._encode_sparse(layout, buffer, finite) if message else self._encode_dense(layout, buffer, finite)
+        if message:
+            send = self._encode_sparse(layout, buffer, finite)
+        else:  # tracked payloads are noted before the division (what v gives back is undivided)
+            send = self._encode_dense(layout, buffer, finite, 1 if track else divide)
         if track and finite:
             self._note_parts(send)
+        if not message and (track or not finite) and divide != 1:
+            send.payload.div_(divide)
         self.count(send, message_bytes)
         return send
 
-    def _encode_dense(self, layout: BucketLayout, buffer: Tensor, finite: bool) -> Send:
+    def _encode_dense(self, layout: BucketLayout, buffer: Tensor, finite: bool, divide: int) -> Send:
+        direct: tuple[bool, ...] = ()
         if finite:
-            for name, off, numel in zip(layout.names, layout.offsets, layout.numels, strict=True):
-                g = buffer[off : off + numel]
-                self.state.compress_dense(name, g, out=g)
+            direct = tuple(
+                self.state.compress_dense_in_place(name, buffer[off : off + numel], divide)
+                for name, off, numel in zip(layout.names, layout.offsets, layout.numels, strict=True)
+            )
         live = self.dense_positions(layout, buffer.device) if layout.dense_numel < buffer.numel() else None
         payload = buffer if live is None else buffer.index_select(0, live)
-        return Send(layout=layout, buffer=buffer, finite=finite, payload=payload, live=live)
+        return Send(layout=layout, buffer=buffer, finite=finite, payload=payload, live=live, direct=direct)
 
     def _encode_sparse(self, layout: BucketLayout, buffer: Tensor, finite: bool) -> Send:
         ws = self.workspace(layout, buffer.device)

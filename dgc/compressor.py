@@ -43,9 +43,12 @@ __all__ = [
     "TensorMemory",
     "compress",
     "compress_dense",
+    "compress_dense_direct",
     "dense_scale",
+    "direct_dense_ok",
     "finish_dense",
     "preprocess",
+    "undo_direct",
 ]
 
 
@@ -64,6 +67,14 @@ class TensorMemory:
     """Static pruning mask (True = live), flat bool; masked entries are never selected or sent."""
     live: int = 0
     """Number of unmasked entries (``numel`` without a mask): the density counts these."""
+    zero_mark: tuple[int, int] | None = None
+    """``(data_ptr, version)`` of ``residual`` when it was last cleared by :func:`finish_dense`: while
+    both still match, v is known to be all zero (see :func:`compress_dense_direct`).  Writers that
+    bypass torch's version counter (the compiled kernels, collectives) clear it."""
+
+    def residual_is_zero(self) -> bool:
+        """Whether v is known to be all zero (cleared since and not written to)."""
+        return self.zero_mark is not None and self.zero_mark == _mark_of(self.residual)
 
     @property
     def numel(self) -> int:
@@ -125,6 +136,7 @@ def compress(
 
     int8 wire: ``out_values`` must be float32 (default: a new one); it receives the *dequantized* values
     (what was sent), and the returned tensor holds the int8 codes and their scale."""
+    memory.zero_mark = None  # the kernels write v through pointers, past torch's version counter
     device = memory.residual.device
     quantized = config.wire_dtype == torch.int8
     if out_indices is None:
@@ -201,6 +213,45 @@ def compress_dense(memory: TensorMemory, grad: Tensor, config: DGCConfig, out: T
     return out
 
 
+def direct_dense_ok(memory: TensorMemory, grad: Tensor, config: DGCConfig) -> bool:
+    """Whether :func:`compress_dense_direct` may replace :func:`compress_dense` for this tensor: float32
+    gradient, momentum on (not Nesterov), no pruning mask, and v known to be all zero."""
+    return (
+        grad.dtype == torch.float32
+        and memory.momentum is not None
+        and not config.nesterov
+        and memory.mask is None
+        and memory.residual_is_zero()
+    )
+
+
+def compress_dense_direct(memory: TensorMemory, grad: Tensor, config: DGCConfig, divide: int) -> None:
+    """:func:`compress_dense` + :func:`finish_dense` for a tensor whose v is zero (see
+    :func:`direct_dense_ok`),  in two passes instead of five: ``u = m u + g`` and ``grad = u / divide``.
+    v = 0 + u would be sent whole and cleared, so v is left untouched; the payload is u itself (the
+    values :func:`compress_dense` gives, up to the sign of zeros).  A failed step gives it back with :func:`undo_direct`."""
+    g = grad.reshape(-1)
+    u = memory.momentum
+    torch.add(g, u, alpha=config.momentum, out=u)
+    if divide == 1:
+        g.copy_(u)
+    else:
+        torch.div(u, divide, out=g)
+
+
+def undo_direct(memory: TensorMemory) -> None:
+    """The step of a :func:`compress_dense_direct` payload failed: v takes what was not delivered (u),
+    as :func:`compress_dense` would have left it."""
+    memory.residual.add_(memory.momentum)
+
+
+def _mark_of(v: Tensor) -> tuple[int, int] | None:
+    try:
+        return v.data_ptr(), v._version
+    except RuntimeError:  # an inference tensor keeps no version counter: never "known zero"
+        return None
+
+
 def dense_scale(memory: TensorMemory) -> Tensor:
     """The int8 scale of a dense-path tensor's payload between :func:`compress_dense` and
     :func:`finish_dense`: ``max|v| / 127`` (pruned entries are zero in v, so live ones decide)."""
@@ -223,7 +274,9 @@ def finish_dense(memory: TensorMemory, sent_dtype: torch.dtype, delivered: bool)
         return
     v = memory.residual
     if sent_dtype == torch.float32:
-        v.zero_()
+        if not memory.residual_is_zero():
+            v.zero_()
+            memory.zero_mark = _mark_of(v)
     elif sent_dtype == torch.int8:
         scale = int8_scale(v)
         v.sub_(dequantize_int8(quantize_int8(v, scale), scale))

@@ -58,7 +58,8 @@ def ddp_comm_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Fut
     started = time.perf_counter()
     topo = session.topology(state)  # hierarchy="node": dense in the node, DGC on this rank's share
     if topo is None:
-        send, shares, width = state.codec.encode(layout, buffer, track=state.track_sent), None, layout.message_bytes
+        send = state.codec.encode(layout, buffer, track=state.track_sent, divide=state.world_size)
+        shares, width = None, layout.message_bytes
     else:
         send, shares, width = topo.encode(state, layout, buffer)
     encoded = time.perf_counter()
@@ -69,7 +70,7 @@ def ddp_comm_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Fut
         received = state.codec.scratch(layout, buffer.device, "gathered", n * width, torch.uint8)
         work = _all_gather(received, _padded(state, layout, send.message, width), group)
     else:
-        received = send.payload.div_(n if topo is None else topo.n_nodes)
+        received = send.payload if topo is None else send.payload.div_(topo.n_nodes)  # flat: divided by N
         work = dist.all_reduce(received, group=group, async_op=True)
 
     # Step IV

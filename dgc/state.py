@@ -262,6 +262,24 @@ class DGCState:
             out = torch.empty(mem.numel, dtype=self.config.wire_dtype, device=mem.residual.device)
         return compressor.compress_dense(mem, grad, self.config, out)
 
+    def compress_dense_in_place(self, name: str, grad: Tensor, divide: int = 1) -> bool:
+        """:meth:`compress_dense` into ``grad`` itself, divided by ``divide`` (the transport then sums).
+        Returns True when it took the direct path (v known zero: two passes, v untouched, nothing for
+        :meth:`finish_dense` to do; a failed step calls :meth:`undo_dense_direct`)."""
+        mem = self._memory_on(name, grad.device)
+        if self.config.hierarchy == "flat" and compressor.direct_dense_ok(mem, grad, self.config):
+            compressor.preprocess(grad, self._param_for(name, None), self.config, self.world_size)
+            compressor.compress_dense_direct(mem, grad, self.config, divide)
+            return True
+        self.compress_dense(name, grad, out=grad)
+        if divide != 1:
+            grad.div_(divide)
+        return False
+
+    def undo_dense_direct(self, name: str) -> None:
+        """A failed step: the payload of :meth:`compress_dense_in_place`'s direct path back into v."""
+        compressor.undo_direct(self.memory[name])
+
     def finish_dense(self, name: str, sent_dtype: torch.dtype, delivered: bool = True) -> None:
         """Second half of :meth:`compress_dense`: clear what was delivered from the residual."""
         compressor.finish_dense(self.memory[name], sent_dtype, delivered)
