@@ -37,6 +37,9 @@ class Encoded:
     """Positive levels of the grid (int8: ``2**(bits-1) - 1``, TernGrad: 1, QSGD: ``s``)."""
     chunk_size: int | None
     """Elements per scale (None = one scale for the whole tensor)."""
+    message: Tensor | None = None
+    """The :meth:`to_bytes` layout when ``codes`` and ``scales`` are views into it (what the fast
+    encoder and ``encode(out=...)`` produce); None otherwise."""
 
     @property
     def nbytes(self) -> int:
@@ -44,7 +47,13 @@ class Encoded:
         return encoded_bytes(self.numel, self.bits, self.chunk_size)
 
     def to_bytes(self, out: Tensor | None = None) -> Tensor:
-        """Serialize into ``out`` (uint8, :attr:`nbytes` long; allocated when None)."""
+        """Serialize into ``out`` (uint8, :attr:`nbytes` long; allocated when None).  An encoding
+        that already holds its message returns it (``out`` None, or ``out`` that very buffer):
+        no copy, and the result shares memory with :attr:`codes`."""
+        m = self.message
+        if m is not None and (out is None or (out.data_ptr() == m.data_ptr()
+                                              and out.numel() == m.numel())):
+            return m
         if out is None:
             out = torch.zeros(self.nbytes, dtype=torch.uint8, device=self.codes.device)
         s = 4 * self.scales.numel()
@@ -52,6 +61,17 @@ class Encoded:
         out[s : s + self.codes.numel()] = self.codes
         out[s + self.codes.numel() :] = 0
         return out
+
+    def into(self, out: Tensor) -> Encoded:
+        """This encoding serialized into ``out``, as an :class:`Encoded` whose codes and scales are
+        views into it (when ``out`` is 4-byte aligned; else copies)."""
+        self.to_bytes(out)
+        s = 4 * self.scales.numel()
+        aligned = out.data_ptr() % 4 == 0
+        scales = out[:s].view(torch.float32) if aligned else self.scales
+        return Encoded(codes=out[s : s + self.codes.numel()], scales=scales, numel=self.numel,
+                       bits=self.bits, levels=self.levels, chunk_size=self.chunk_size,
+                       message=out[: self.nbytes])
 
     @classmethod
     def from_bytes(cls, buf: Tensor, *, numel: int, bits: int, levels: int,

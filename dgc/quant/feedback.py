@@ -3,6 +3,9 @@
 ``sent + new_residual == x + old_residual`` (to float32 rounding), so nothing is lost: every bit of
 gradient is either on the wire now or waiting in the residual.  Without a residual (``None``) this
 is the plain quantizer, i.e. the papers' estimator (unbiased when the rounding is stochastic).
+
+On a CPU with the compiled pass (:mod:`dgc.quant.fused`) the add, the scales, the rounding, the
+packing, the decoded values and the new residual are one sweep, with the reference's bits.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .blocks import draw_key
 from .encoded import Encoded
-from .quantizer import BlockQuantizer
+from .quantizer import Backend, BlockQuantizer, use_fused
 
 __all__ = ["Feedback", "quantize_with_feedback"]
 
@@ -31,12 +35,20 @@ class Feedback:
 
 
 def quantize_with_feedback(quantizer: BlockQuantizer, x: Tensor, residual: Tensor | None, *,
-                           generator: torch.Generator | None = None) -> Feedback:
-    """Quantize ``x`` (plus ``residual`` when given) with ``quantizer``; returns the new residual."""
-    corrected = x.detach().reshape(-1).to(torch.float32)
-    if residual is not None:
-        corrected = corrected + residual.reshape(-1)
-    encoded = quantizer.encode(corrected, generator=generator)
-    sent = quantizer.decode(encoded)
+                           generator: torch.Generator | None = None, out: Tensor | None = None,
+                           backend: Backend = "auto") -> Feedback:
+    """Quantize ``x`` (plus ``residual`` when given) with ``quantizer``; returns the new residual
+    (a new tensor; ``residual`` is not modified).  ``out``/``backend``: as
+    :meth:`BlockQuantizer.encode`."""
+    flat = x.detach().reshape(-1).to(torch.float32)
+    key = draw_key(generator) if quantizer.stochastic else None
+    if use_fused(backend, flat):
+        from .fused import fused_encode
+
+        done = fused_encode(quantizer, flat, key=key, residual=residual, want_sent=True, out=out)
+        return Feedback(encoded=done.encoded, sent=done.sent, residual=done.residual)
+    corrected = flat if residual is None else flat + residual.reshape(-1)
+    encoded = quantizer.encode_reference(corrected, key=key, out=out)
+    sent = quantizer.decode(encoded, backend="torch")
     return Feedback(encoded=encoded, sent=sent,
                     residual=None if residual is None else corrected - sent)

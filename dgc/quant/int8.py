@@ -58,9 +58,9 @@ class Int8Quantizer(BlockQuantizer):
     def levels(self) -> int:
         return qmax(self.bits)
 
-    def to_codes(self, r: Tensor, generator: torch.Generator | None) -> Tensor:
+    def to_codes(self, r: Tensor, key: tuple[int, int] | None) -> Tensor:
         q = self.levels
-        k = round_levels(r * q, stochastic=self.stochastic, generator=generator).clamp_(-q, q)
+        k = round_levels(r * q, stochastic=self.stochastic, key=key).clamp_(-q, q)
         return (k + q).to(torch.uint8)
 
     def from_codes(self, codes: Tensor, levels: int) -> Tensor:

@@ -58,9 +58,9 @@ class QSGD(BlockQuantizer):
     def block_scales(self, blocks: Tensor) -> Tensor:
         return torch.linalg.vector_norm(blocks, dim=1)
 
-    def to_codes(self, r: Tensor, generator: torch.Generator | None) -> Tensor:
+    def to_codes(self, r: Tensor, key: tuple[int, int] | None) -> Tensor:
         s = self.levels
-        level = round_levels(r.abs() * s, stochastic=self.stochastic, generator=generator)
+        level = round_levels(r.abs() * s, stochastic=self.stochastic, key=key)
         level = level.clamp_(0, s).to(torch.uint8)
         return (level << 1) | (r < 0).to(torch.uint8)
 

@@ -36,8 +36,8 @@ class TernGrad(BlockQuantizer):
     bits: ClassVar[int] = 2
     levels: ClassVar[int] = 1
 
-    def to_codes(self, r: Tensor, generator: torch.Generator | None) -> Tensor:
-        b = round_levels(r.abs(), stochastic=self.stochastic, generator=generator)
+    def to_codes(self, r: Tensor, key: tuple[int, int] | None) -> Tensor:
+        b = round_levels(r.abs(), stochastic=self.stochastic, key=key)
         return torch.where(b > 0, torch.where(r < 0, 2, 1), 0).to(torch.uint8)
 
     def from_codes(self, codes: Tensor, levels: int) -> Tensor:

@@ -1,0 +1,227 @@
+"""The quantizers' fused CPU pass (``quant_fused.cpp``): encode (error-feedback add, scale, rounding,
+packing, and on request the decoded values and the new residual) and decode (unpacking, scaling) in one
+sweep per block.
+
+Built like :mod:`.cpu_fused`: ``g++`` at first use (``-O3 -march=native -ffp-contract=off``), cached
+under ``$DGC_KERNEL_CACHE`` (default ``~/.cache/dgc/kernels``) by a hash of the source, flags,
+compiler and CPU features, loaded through ctypes (calls release the GIL; one range of whole blocks per
+thread of ``torch.get_num_threads()``), and self-checked at load against the torch reference of
+:mod:`dgc.quant` (bit for bit).  No compiler, a failed build or a failed check: one log line, and
+:mod:`dgc.quant` runs its torch reference.  ``DGC_CPU_KERNELS=0`` turns it off, like the DGC kernels.
+
+The arithmetic is the reference's, operation for operation (docs/kernels.md#quantizer-codec-cpu):
+codes, scales, decoded values and residuals are the same bits; stochastic rounding uses the same
+counter-based draws (:func:`dgc.quant.blocks.uniform`), so it is bit-identical too.  QSGD's L2 norms
+are computed by torch (:func:`dgc.quant.blocks.scales_of`, the same call as the reference) and passed in.
+
+Inputs: flat contiguous float32 CPU tensors (the caller converts); outputs preallocated by the caller.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .cpu_fused import _cache_dir, _cpu_flags
+
+__all__ = ["Grid", "METHOD_CODES", "build", "decode", "encode", "is_available"]
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).resolve().parent / "quant_fused.cpp"
+_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC")
+"""``-ffp-contract=off``: no fused multiply-add, so every rounding step is the reference's."""
+
+METHOD_CODES = {"int8": 0, "terngrad": 1, "qsgd": 2}
+"""The kernel's number for each :attr:`dgc.quant.BlockQuantizer.method`."""
+
+_TILE = 16384
+"""Least elements per thread's range (smaller tensors run on the calling thread only)."""
+
+_ptr = ctypes.c_void_p
+_i64 = ctypes.c_int64
+_int = ctypes.c_int
+_u32 = ctypes.c_uint32
+
+
+@dataclass(frozen=True, slots=True)
+class Grid:
+    """What the kernel needs to know of a quantizer."""
+
+    method: str
+    """``int8``, ``terngrad`` or ``qsgd``."""
+    levels: int
+    """Positive levels of the grid (int8: ``2**(bits-1) - 1``; TernGrad 1; QSGD ``s``)."""
+    bits: int
+    """Bits per code, 1..8."""
+    stochastic: bool
+    """Stochastic rounding with the counter-based draws keyed per call (else to nearest)."""
+
+
+# ------------------------------------------------------------------------------------------------ build
+def build() -> Path:
+    """Compile ``quant_fused.cpp`` (once; cached) and return the shared library's path.
+
+    Raises ``RuntimeError`` when no compiler is found or the compilation fails.
+    """
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    if cxx is None:
+        raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'g++')} not on PATH; set CXX)")
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
+    key = hashlib.sha256(
+        "\0".join([_SOURCE.read_text(), " ".join(_FLAGS), version, platform.machine(), _cpu_flags()]).encode()
+    ).hexdigest()[:16]
+    target = _cache_dir() / f"quant_fused-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)  # several ranks may build at once
+    os.close(fd)
+    try:
+        done = subprocess.run([cxx, *_FLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, text=True, check=False)
+        if done.returncode:
+            raise RuntimeError(f"{cxx} failed: {done.stderr.strip()[-500:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    dll = ctypes.CDLL(str(path))  # CDLL calls release the GIL
+    dll.dgc_quant_encode.restype = None
+    dll.dgc_quant_encode.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _int, _ptr, _i64, _i64, _i64, _i64,
+                                     _int, _int, _int, _int, _u32, _u32]  # fmt: skip
+    dll.dgc_quant_decode.restype = None
+    dll.dgc_quant_decode.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int, _int, _int, _int]
+    return dll
+
+
+def _self_check() -> None:
+    """Every method, both roundings, with and without error feedback, on awkward sizes, against the
+    torch reference, bit for bit (a miscompiled or mismatched build must not run)."""
+    from dgc.quant import QSGD, Int8Quantizer, TernGrad
+    from dgc.quant.feedback import quantize_with_feedback
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3 * 517 + 5, generator=gen)
+    res = torch.randn(x.numel(), generator=gen)
+    for q in (Int8Quantizer(bits=7, chunk_size=517), TernGrad(chunk_size=64, stochastic=True),
+              QSGD(levels=5, chunk_size=100, stochastic=False), Int8Quantizer(stochastic=True)):  # fmt: skip
+        for r in (None, res):
+            want = quantize_with_feedback(q, x, r, generator=torch.Generator().manual_seed(3), backend="torch")
+            got = quantize_with_feedback(q, x, r, generator=torch.Generator().manual_seed(3), backend="auto")
+            same = (torch.equal(want.encoded.codes, got.encoded.codes)
+                    and torch.equal(want.encoded.scales, got.encoded.scales)
+                    and torch.equal(want.sent, got.sent)
+                    and (r is None or torch.equal(want.residual, got.residual)))  # fmt: skip
+            if not same:
+                raise RuntimeError(f"the compiled quantizer disagrees with the torch reference ({q})")
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("DGC_CPU_KERNELS", "1") == "0":
+        _notice("DGC_CPU_KERNELS=0")
+        return None
+    if sys.byteorder != "little":
+        _notice("big-endian machine")
+        return None
+    try:
+        dll = _load(build())
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        _notice(str(exc))
+        return None
+    _LOADED.append(dll)
+    try:
+        _self_check()
+    except RuntimeError as exc:
+        _LOADED.clear()
+        _notice(str(exc))
+        return None
+    return dll
+
+
+_LOADED: list[ctypes.CDLL] = []
+"""The library while :func:`_self_check` runs (the fast path it compares needs it)."""
+
+
+def _dll() -> ctypes.CDLL | None:
+    return _LOADED[0] if _LOADED else _library()
+
+
+def _notice(why: str) -> None:
+    """The one log line of a fallback (rank 0 only, in a process group)."""
+    rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
+        torch.distributed.get_rank() == 0
+    )
+    (log.warning if rank0 else log.debug)(
+        "dgc.kernels: compiled quantizer kernels unavailable (%s); dgc.quant uses its torch reference "
+        "(about 10-40x slower)", why
+    )
+
+
+def is_available() -> bool:
+    """True when the compiled quantizer pass is built (or builds now), loads and passes its self-check."""
+    return _dll() is not None
+
+
+# ---------------------------------------------------------------------------------------- the C++ calls
+def _addr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _piece(width: int) -> int:
+    """Elements per unit of work: whole blocks and whole bytes of codes, at least :data:`_TILE`."""
+    unit = width * 8 // math.gcd(width, 8)
+    return unit * max(1, -(-_TILE // unit))
+
+
+def encode(grid: Grid, x: Tensor, width: int, *, scales: Tensor, codes: Tensor, scales_given: bool = False,
+           residual: Tensor | None = None, residual_out: Tensor | None = None, sent: Tensor | None = None,
+           key: tuple[int, int] = (0, 0)) -> None:  # fmt: skip
+    """Encode ``x`` (+ ``residual``) in blocks of ``width``: fills ``scales`` (unless ``scales_given``)
+    and ``codes``, and ``sent`` / ``residual_out`` when given (``residual_out`` may be ``residual``)."""
+    dll = _dll()
+    if dll is None:
+        raise RuntimeError("quant_fused.encode: the compiled pass is unavailable (check is_available())")
+    n = x.numel()
+    method = METHOD_CODES[grid.method]
+
+    def run(lo: int, hi: int) -> None:
+        dll.dgc_quant_encode(x.data_ptr(), _addr(residual), _addr(residual_out), _addr(sent), scales.data_ptr(),
+                             int(scales_given), codes.data_ptr(), n, width, lo, hi, method, grid.levels,
+                             grid.bits, int(grid.stochastic), key[0], key[1])  # fmt: skip
+
+    reference._over_chunks(n, run, x.device, _piece(width))
+
+
+def decode(grid: Grid, codes: Tensor, scales: Tensor, out: Tensor, width: int, *, accumulate: bool = False) -> None:
+    """``out`` = (or += with ``accumulate``) the values of ``out.numel()`` packed ``codes``."""
+    dll = _dll()
+    if dll is None:
+        raise RuntimeError("quant_fused.decode: the compiled pass is unavailable (check is_available())")
+    n = out.numel()
+    method = METHOD_CODES[grid.method]
+
+    def run(lo: int, hi: int) -> None:
+        dll.dgc_quant_decode(codes.data_ptr(), scales.data_ptr(), out.data_ptr(), n, width, lo, hi, method,
+                             grid.levels, grid.bits, int(accumulate))  # fmt: skip
+
+    reference._over_chunks(n, run, out.device, _piece(width))
