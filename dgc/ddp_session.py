@@ -170,6 +170,7 @@ class DDPSession:
             return None
         if self._topology is None:
             self._topology = TorchNodeTopology.build(state, state.node_groups)
+            state.policy.topology = self._topology  # "auto" predicts with this rank's share
         return self._topology
 
     def optimizer_stepped(self) -> None:

@@ -24,7 +24,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -102,6 +102,10 @@ class Policy:
         self.codec_seconds: dict[tuple[str, ...], float] = {}
         self._probed: dict[tuple[int, int], float] = {}
         self._decided_at: tuple[int, float] | None = None
+        self.topology: Any = None
+        """``hierarchy="node"``: the transport's :class:`~dgc.hierarchy.NodeTopology` (set when it is
+        built): a sparse group then sends this rank's share of it, so predictions use the share's
+        padded message and codec time."""
 
     def sparse(self, names: tuple[str, ...]) -> bool:
         """Whether the group goes sparse at the current step (when DGC's dense steps are over)."""
@@ -153,7 +157,8 @@ class Policy:
             if not layout.compressed:
                 continue
             dense_bytes = 4 * sum(layout.numels)
-            pred = predict(n, dense_bytes, layout.message_bytes, self._codec_cost(state, names, layout), bw, lat)
+            message_bytes, codec_s = self._sparse_terms(state, names, layout)
+            pred = predict(n, dense_bytes, message_bytes, codec_s, bw, lat)
             out[i] = pred.choose_sparse
             log.info(
                 "DGC policy (step %d): [%s%s] -> %s (predicted sparse %.3f ms, dense %.3f ms; "
@@ -163,6 +168,19 @@ class Policy:
                 8 * bw / 1e9, 1e3 * lat, n,
             )
         return out
+
+    def _sparse_terms(self, state: DGCState, names: tuple[str, ...], layout) -> tuple[int, float]:  # noqa: ANN001
+        """Bytes of the message each worker sends for the group, and its codec seconds: the whole
+        group's (flat), or, ``hierarchy="node"``, this rank's share's, padded to the largest share
+        (the dense intra-node reduce costs the same either way, so it leaves the choice alone)."""
+        if self.topology is None:
+            return layout.message_bytes, self._codec_cost(state, names, layout)
+        shares = self.topology.plan(state, layout)
+        widest = max(shares, key=lambda s: s.message_bytes)
+        mine = shares[self.topology.local_rank]
+        measured = self.codec_seconds.get(mine.names)
+        codec_s = measured if measured is not None else self._codec_cost(state, widest.names, widest)
+        return widest.message_bytes, codec_s
 
     def _codec_cost(self, state: DGCState, names: tuple[str, ...], layout) -> float:  # noqa: ANN001
         """Measured sparse codec seconds of the group, else a probe of the selection on its size."""
