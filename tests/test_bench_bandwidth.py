@@ -273,12 +273,14 @@ def test_policy_sweep_plan_runs_several_processes_per_node() -> None:
 
     runs = plan(PolicySweepOptions(nodes=(2, 4), procs_per_node=2))
     assert [r.name for r in runs] == ["resnet50-n2x2-unlimited", "resnet50-n2x2-unlimited-density-0.25",
-                                      "resnet50-n2x2-1gbit", "resnet50-n4x2-1gbit"]
-    assert [r.processes for r in runs] == [4, 4, 4, 8]
+                                      "resnet50-n2x2-1gbit", "resnet50-n2x2-10gbit", "resnet50-n4x2-1gbit"]
+    assert [r.processes for r in runs] == [4, 4, 4, 4, 8]
+    assert {"dense", "dgc", "dgc-auto", "dgc-node"} <= set(runs[3].methods)
+    assert len(plan(PolicySweepOptions(nodes=(2, 4), mid=()))) == 4
     assert {"dense", "dgc-dense", "dgc", "dgc-auto"} <= set(runs[0].methods)
     assert {"dense", "dgc@0.25", "dgc-auto@0.25"} <= set(runs[1].methods)
     assert {"dense", "dgc", "dgc-auto", "dgc-node"} <= set(runs[2].methods)
-    assert {"dgc", "dgc-node"} <= set(runs[3].methods)
+    assert {"dgc", "dgc-node"} <= set(runs[4].methods)
     assert runs[0].local_steps > 0 and runs[1].local_steps > 0 and runs[2].local_steps == 0
     with pytest.raises(ValueError, match="procs-per-node"):
         plan(PolicySweepOptions(procs_per_node=1))

@@ -110,6 +110,8 @@ def parser() -> argparse.ArgumentParser:
     ps.add_argument("--nodes", default="2,4", help="node counts; the first gets every comparison")
     ps.add_argument("--procs-per-node", type=int, default=2, help="processes per node (>= 2)")
     ps.add_argument("--slow", default="1gbit", help="the rate-limited link (default 1gbit)")
+    ps.add_argument("--mid", default="10gbit",
+                    help="further link rates for the first node count, comma list ('' for none; default 10gbit)")
     ps.add_argument("--loopback", action="store_true", help="no namespaces (torchrun --standalone)")
     ps.add_argument("--run-timeout", type=float, default=600, help="seconds per cluster run")
     ps.add_argument("--budget-s", type=float, default=1380,
@@ -201,6 +203,7 @@ def _policy_sweep(args: argparse.Namespace) -> int:
         procs_per_node=args.procs_per_node,
         nodes=nodes,
         slow=args.slow,
+        mid=tuple(_split(args.mid)),
         budget_s=args.budget_s,
         run_timeout=args.run_timeout,
         check=args.check,

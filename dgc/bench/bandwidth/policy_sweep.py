@@ -12,6 +12,7 @@ methods (step ``s`` of every method before step ``s + 1`` of any).  The runs, in
                                      goes dense), dgc, dgc-auto
 ``<model>-n2xP-unlimited-density-0.25``  dense, dgc@0.25, dgc-auto@0.25
 ``<model>-n2xP-1gbit``               dense, dgc, dgc-auto, dgc-node
+``<model>-n2xP-10gbit``              dense, dgc, dgc-auto, dgc-node (each ``--mid`` rate)
 ``<model>-nNxP-1gbit``               dgc, dgc-node, for each further node count (bytes vs nodes)
 ==================================  ===========================================================
 
@@ -62,6 +63,8 @@ class PolicySweepOptions:
     """Node counts; the first gets the full comparison, the others flat vs node at ``slow``."""
     slow: str = "1gbit"
     """The rate-limited link."""
+    mid: tuple[str, ...] = ("10gbit",)
+    """Further link rates compared at the first node count, with the methods of ``slow``."""
     budget_s: float = 1380.0
     """Skip the remaining runs once the next one would end past this many seconds (0 = no limit)."""
     run_timeout: float = 600.0
@@ -85,6 +88,7 @@ def plan(opts: PolicySweepOptions) -> list[RunSpec]:
                 tag=QUARTER_TAG, **common),
         RunSpec(nodes=first, rate=opts.slow, local_steps=0, methods=SLOW_METHODS, **common),
     ]
+    runs += [RunSpec(nodes=first, rate=r, local_steps=0, methods=SLOW_METHODS, **common) for r in opts.mid]
     runs += [RunSpec(nodes=n, rate=opts.slow, local_steps=0, methods=NODE_METHODS, **common)
              for n in opts.nodes[1:]]
     return runs
