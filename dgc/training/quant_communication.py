@@ -1,8 +1,9 @@
 """``compress=int8``, ``compress=terngrad``, ``compress=qsgd``: the quantized compressors of
-:mod:`dgc.quant` in the loop, as a DDP communication hook (two-phase exchange, error feedback).
+:mod:`dgc.quant` in the loop, as a DDP communication hook or, under ``dist=horovod``, as
+:func:`dgc.quant.horovod.DistributedOptimizer` (the same two-phase exchange and error feedback).
 
-The optimizer is kept as configured (momentum and weight decay included): the hook only replaces
-the averaging of the gradients.  Horovod is not supported yet (``check`` refuses it).
+The optimizer is kept as configured (momentum and weight decay included): the hook or the Horovod
+optimizer only replaces the averaging of the gradients.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ log = logging.getLogger(__name__)
 
 
 class QuantCommunication(Communication):
-    """:class:`dgc.quant.QuantState` + :func:`dgc.quant.quant_hook` on the DDP model.
+    """:class:`dgc.quant.QuantState` + :func:`dgc.quant.quant_hook` on the DDP model, or
+    :func:`dgc.quant.horovod.DistributedOptimizer` around the optimizer (``dist=horovod``).
 
     Args:
         config: the validated :class:`dgc.quant.QuantConfig` (``compress.config``).
@@ -32,7 +34,8 @@ class QuantCommunication(Communication):
             None = ``config.method``.
         bucket_cap_mb: DDP bucket size for this option; None = the ``dist`` config's.  Each
             bucket costs one synchronous all-to-all inside backward, so fewer, larger buckets
-            mean fewer stalls (and less scale/padding overhead).
+            mean fewer stalls (and less scale/padding overhead).  Not used by Horovod, where
+            each large parameter is a bucket and the small ones share one per dtype.
     """
 
     def __init__(self, *, config: QuantConfig, name: str | None = None,
@@ -49,9 +52,15 @@ class QuantCommunication(Communication):
         self._state: QuantState | None = None
 
     def check(self, *, dist_name: str, optim: DictConfig) -> None:
-        if dist_name != "ddp":
-            raise ValueError(f"compress={self.name} is a DDP communication hook; dist={dist_name} "
-                             "cannot run it yet. Use dist=ddp (or compress=dgc/fp16 with Horovod).")
+        if dist_name not in ("ddp", "horovod"):
+            raise ValueError(f"compress={self.name} runs under dist=ddp or dist=horovod, not "
+                             f"dist={dist_name}.")
+        if dist_name == "horovod":
+            try:
+                import dgc.quant.horovod  # noqa: F401
+            except ImportError as e:
+                raise ValueError(f"compress={self.name} with dist=horovod needs dgc.quant.horovod "
+                                 f"and Horovod (bash launch/install_horovod.sh): {e}") from e
 
     def ddp_kwargs(self) -> dict[str, Any]:
         return {} if self.bucket_cap_mb is None else {"bucket_cap_mb": self.bucket_cap_mb}
@@ -62,10 +71,18 @@ class QuantCommunication(Communication):
                                  process_group=ddp_model.process_group)
         ddp_model.register_comm_hook(self._state, quant_hook)
 
+    def wrap_horovod(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
+        from dgc.quant.horovod import DistributedOptimizer
+
+        wrapped = DistributedOptimizer(optimizer, model.named_parameters(),
+                                       config=self.quant_config)
+        self._state = wrapped.quant_state  # also inside wrapped.state_dict()["quant"], per rank
+        return wrapped
+
     @property
     def quant_state(self) -> QuantState:
         if self._state is None:
-            raise RuntimeError("the quantized state exists once attach_ddp() ran")
+            raise RuntimeError("the quantized state exists once attach_ddp()/wrap_horovod() ran")
         return self._state
 
     def step_stats(self) -> CompressionStats:
