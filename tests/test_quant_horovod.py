@@ -243,3 +243,18 @@ def test_main_job_under_horovod_trains_and_resumes(tmp_path: Path) -> None:
     resumed = run(tmp_path / "resumed", f"train.resume={tmp_path / 'full/checkpoints/step-00000002'}")
     assert sorted(resumed) == [3, 4]
     assert [resumed[s]["loss"] for s in (3, 4)] == [full[s]["loss"] for s in (3, 4)]
+
+
+def test_launcher_option_accepts_horovod() -> None:
+    """``+compress=int8|terngrad|qsgd`` with ``dist=horovod`` passes the option's check (and any
+    other runtime is refused, naming the two it runs under)."""
+    _need_horovod()
+    from hydra.utils import instantiate
+    from test_conf_compose import _compose
+
+    for option in BITS:
+        cfg = _compose(f"+compress={option}")
+        comm = instantiate(cfg.compress)
+        comm.check(dist_name="horovod", optim=cfg.optim)
+        with pytest.raises(ValueError, match="dist=ddp or dist=horovod"):
+            comm.check(dist_name="mpi", optim=cfg.optim)
