@@ -47,7 +47,7 @@ def quantize_with_feedback(quantizer: BlockQuantizer, x: Tensor, residual: Tenso
 
         done = fused_encode(quantizer, flat, key=key, residual=residual, want_sent=True, out=out)
         return Feedback(encoded=done.encoded, sent=done.sent, residual=done.residual)
-    corrected = flat if residual is None else flat + residual.reshape(-1)
+    corrected = flat if residual is None else flat + residual.reshape(-1).to(torch.float32)
     encoded = quantizer.encode_reference(corrected, key=key, out=out)
     sent = quantizer.decode(encoded, backend="torch")
     return Feedback(encoded=encoded, sent=sent,

@@ -8,6 +8,8 @@ stream.  ``unpack_bits`` is its exact inverse.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import Tensor
 
@@ -15,6 +17,8 @@ __all__ = ["MAX_BITS", "pack_bits", "packed_bytes", "unpack_bits"]
 
 MAX_BITS = 8
 """Widest code these functions pack (a code always fits a byte)."""
+
+_LITTLE = sys.byteorder == "little"
 
 
 def packed_bytes(numel: int, bits: int) -> int:
@@ -34,10 +38,9 @@ def pack_bits(codes: Tensor, bits: int) -> Tensor:
         grouped = _pad(codes, per).view(-1, per)
         shifts = torch.arange(per, device=codes.device, dtype=torch.uint8) * bits
         return (grouped << shifts).sum(dim=1, dtype=torch.uint8)  # disjoint bits: sum == or
-    plane_shifts = torch.arange(bits, device=codes.device, dtype=torch.uint8)
-    stream = ((codes.unsqueeze(1) >> plane_shifts) & 1).reshape(-1)  # little-endian bit stream
-    byte_shifts = torch.arange(8, device=codes.device, dtype=torch.uint8)
-    return (_pad(stream, 8).view(-1, 8) << byte_shifts).sum(dim=1, dtype=torch.uint8)
+    # 8 codes -> one int64 word of 8 * bits bits; its first ``bits`` little-endian bytes
+    words = (_pad(codes, 8).view(-1, 8).to(torch.int64) << _shifts(bits, codes.device)).sum(dim=1)
+    return _word_bytes(words)[:, :bits].reshape(-1)[: packed_bytes(codes.numel(), bits)]
 
 
 def unpack_bits(packed: Tensor, bits: int, numel: int) -> Tensor:
@@ -54,10 +57,32 @@ def unpack_bits(packed: Tensor, bits: int, numel: int) -> Tensor:
         per = 8 // bits
         shifts = torch.arange(per, device=packed.device, dtype=torch.uint8) * bits
         return ((packed.unsqueeze(1) >> shifts) & mask).reshape(-1)[:numel]
-    byte_shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
-    stream = ((packed.unsqueeze(1) >> byte_shifts) & 1).reshape(-1)[: numel * bits]
-    plane_shifts = torch.arange(bits, device=packed.device, dtype=torch.uint8)
-    return (stream.view(numel, bits) << plane_shifts).sum(dim=1, dtype=torch.uint8)
+    groups = -(-numel // 8)
+    raw = _pad(packed[: packed_bytes(numel, bits)], groups * bits).view(groups, bits)
+    words = torch.zeros(groups, 8, dtype=torch.uint8, device=packed.device)
+    words[:, :bits] = raw
+    words = words.view(-1).view(torch.int64) if _LITTLE else _from_le(words)
+    codes = (words.unsqueeze(1) >> _shifts(bits, packed.device)) & mask
+    return codes.to(torch.uint8).reshape(-1)[:numel]
+
+
+def _shifts(bits: int, device: torch.device) -> Tensor:
+    return torch.arange(8, device=device, dtype=torch.int64) * bits
+
+
+def _word_bytes(words: Tensor) -> Tensor:
+    """int64 words as rows of their 8 little-endian bytes."""
+    if _LITTLE:
+        return words.contiguous().view(torch.uint8).view(-1, 8)
+    return torch.stack([(words >> (8 * i)) & 0xFF for i in range(8)], dim=1).to(torch.uint8)
+
+
+def _from_le(rows: Tensor) -> Tensor:
+    """Rows of 8 little-endian bytes as int64 words (big-endian hosts)."""
+    out = torch.zeros(rows.shape[0], dtype=torch.int64, device=rows.device)
+    for i in range(8):
+        out |= rows[:, i].to(torch.int64) << (8 * i)
+    return out
 
 
 def _pad(x: Tensor, multiple: int) -> Tensor:
