@@ -25,7 +25,9 @@ same step with plain DDP, world size 1, one n-element parameter) 20n; the quanti
 (``--quant``, :mod:`dgc.quant` with the ``compress=int8|terngrad|qsgd`` defaults: a scale per 512
 elements, round to nearest) ``encode`` = quantize + pack + serialize, 4n + the message's bytes, and
 ``decode`` = parse + unpack + dequantize, the message + 4n (int8 n, QSGD at 7 levels n/2, TernGrad
-n/4, plus a float32 scale per 512 elements).  Goals (issue 14): on a CPU,
+n/4, plus a float32 scale per 512 elements); ``fused`` (:mod:`dgc.kernels.quant_fused`) against the
+torch reference (``twin``), both allocating their output, and ``(out=)`` the fused pass into
+preallocated buffers.  Goals (issue 14; issue 15: quantizer encode >= 20%): on a CPU,
 the hook's codec and ``compress_step`` >= 50% of the triad's bandwidth, ``select_topk`` >= 30%; on a GPU
 the fused pass >= 60% of peak bandwidth and the kernel >= 10x faster than the twin on the same GPU.
 """
@@ -157,18 +159,33 @@ def build_cases(args: argparse.Namespace, device: torch.device) -> list[Case]:
 
 
 def add_quant_cases(args: argparse.Namespace, cases: list[Case], device: torch.device) -> None:
-    """Encode (to the message bytes) and decode (back to float32) of each quantized compressor."""
+    """Encode (to the message bytes) and decode (back to float32) of each quantized compressor: the
+    torch reference (``twin``) and, on a CPU where it builds, the compiled pass (``fused``,
+    :mod:`dgc.kernels.quant_fused`, what ``dgc.quant`` runs by default), interleaved."""
+    from dgc.kernels import quant_fused
+
     from dgc.quant import QuantConfig
 
-    x = torch.randn(args.numel, generator=torch.Generator().manual_seed(1)).to(device)
+    n = args.numel
+    x = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(device)
+    impls = {"twin": "torch"}
+    if device.type == "cpu" and quant_fused.is_available():
+        impls = {"fused": "auto", "twin": "torch"}
     for method, fields in (("int8", {"bits": 8}), ("terngrad", {}), ("qsgd", {"levels": 7})):
         q = QuantConfig(method=method, **fields).quantizer()
-        message = q.encode(x).to_bytes()
+        message = q.encode(x, backend="torch").to_bytes()
         wire = message.numel()
-        cases.append(Case(f"{method} encode", "torch", 4 * args.numel + wire,
-                          lambda q=q: q.encode(x).to_bytes(), []))
-        cases.append(Case(f"{method} decode", "torch", wire + 4 * args.numel,
-                          lambda q=q, m=message: q.decode(q.from_bytes(m, args.numel)), []))
+        for impl, backend in impls.items():
+            cases.append(Case(f"{method} encode", impl, 4 * n + wire,
+                              lambda q=q, b=backend: q.encode(x, backend=b).to_bytes(), []))
+            cases.append(Case(f"{method} decode", impl, wire + 4 * n,
+                              lambda q=q, m=message, b=backend: q.decode(q.from_bytes(m, n), backend=b), []))
+        if "fused" in impls:  # into preallocated buffers, as a transport's send/receive buffers
+            buf, out = torch.empty_like(message), torch.empty(n)
+            cases.append(Case(f"{method} encode (out=)", "fused", 4 * n + wire,
+                              lambda q=q, buf=buf: q.encode(x, out=buf), []))
+            cases.append(Case(f"{method} decode (out=)", "fused", wire + 4 * n,
+                              lambda q=q, m=message, out=out: q.decode(q.from_bytes(m, n), out=out), []))
 
 
 def _fused_pass(mod, grad: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> Callable[[], object]:
@@ -267,7 +284,8 @@ def print_table(
     by = {(r.kernel, r.impl): r for r in rows}
     print("# goals (fraction of the triad's bandwidth):")
     if device.type == "cpu":
-        for kernel, goal in (("hook codec (DGC - DDP)", 0.5), ("compress_step", 0.5), ("select_topk", 0.3)):
+        for kernel, goal in (("hook codec (DGC - DDP)", 0.5), ("compress_step", 0.5), ("select_topk", 0.3),
+                             ("int8 encode", 0.2), ("terngrad encode", 0.2), ("qsgd encode", 0.2)):
             for impl in ("fused", "twin"):
                 if (kernel, impl) in by:
                     print(f"#   {kernel:24s} {impl:6s} {by[kernel, impl].of_triad:6.1%}  (>= {goal:.0%})")
