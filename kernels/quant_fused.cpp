@@ -83,6 +83,15 @@ void unit_table(int method, int levels, int bits, float* table) {
 // stream; for 1, 2, 4, 8 bits the same as "code i of a byte at bit i * bits").
 template <int BITS>
 void pack_groups(const uint8_t* codes, int64_t groups, uint8_t* out) {
+  if (8 % BITS == 0) {  // whole codes per byte: a simple loop the compiler vectorizes
+    constexpr int per = 8 / BITS;
+    for (int64_t j = 0; j < groups * BITS; ++j) {
+      unsigned byte = 0;
+      for (int k = 0; k < per; ++k) byte |= static_cast<unsigned>(codes[per * j + k]) << (k * BITS);
+      out[j] = static_cast<uint8_t>(byte);
+    }
+    return;
+  }
   for (int64_t g = 0; g < groups; ++g) {
     uint64_t w = 0;
     for (int j = 0; j < 8; ++j) w |= static_cast<uint64_t>(codes[8 * g + j]) << (j * BITS);
@@ -93,6 +102,13 @@ void pack_groups(const uint8_t* codes, int64_t groups, uint8_t* out) {
 template <int BITS>
 void unpack_groups(const uint8_t* in, int64_t groups, uint8_t* codes) {
   constexpr uint64_t mask = (1u << BITS) - 1;
+  if (8 % BITS == 0) {
+    constexpr int per = 8 / BITS;
+    for (int64_t j = 0; j < groups * BITS; ++j) {
+      for (int k = 0; k < per; ++k) codes[per * j + k] = static_cast<uint8_t>((in[j] >> (k * BITS)) & mask);
+    }
+    return;
+  }
   for (int64_t g = 0; g < groups; ++g) {
     uint64_t w = 0;
     std::memcpy(&w, in + g * BITS, BITS);
