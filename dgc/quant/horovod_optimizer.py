@@ -131,8 +131,8 @@ class _QuantDistributedOptimizer(torch.optim.Optimizer):
             raise TypeError(f"dgc.quant.horovod: parameter {self._names[p]!r} has a sparse gradient "
                             "(nn.Embedding(sparse=True)); the quantizers need dense gradients: use "
                             "sparse=False.")
-        if p.numel() < self._group_below:
-            return _GROUPED
+        if p.numel() < self._group_below or not self._process_set.included():
+            return _GROUPED  # (a rank outside the process set sends nothing)
         if not p.grad.is_contiguous():
             p.grad = p.grad.contiguous()
         return self._send([p], p.grad.view(-1), self._index[p], f"quant.{self._names[p]}")
@@ -160,20 +160,22 @@ class _QuantDistributedOptimizer(torch.optim.Optimizer):
         if self._synchronized and not self._new_grads:
             return
         self._new_grads = False
-        if not self._process_set.included():
-            self._synchronized = True
-            return
-        for p in self._requires_update:  # every rank submits the same collectives
+        included = self._process_set.included()
+        for p in self._requires_update if included else ():  # every rank: the same collectives
             if self._handles.get(p) is None:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 self._handles[p] = self._launch(p)
         flights = [f for f in self._handles.values() if isinstance(f, _Flight)]
         # Largest index first: the order backward launched them in (the same on every rank).
-        flights = sorted(flights, key=lambda f: -f.trip.index) + self._launch_groups()
+        flights = sorted(flights, key=lambda f: -f.trip.index)
+        flights += self._launch_groups() if included else []
         self._handles.clear()
         for p in self._delay:
             self._delay[p] = self.backward_passes_per_step
+        if not included:  # outside the process set: p.grad stays local
+            self._synchronized = True
+            return
         self._settle(flights)
 
     def _launch_groups(self) -> list[_Flight]:
