@@ -45,14 +45,16 @@ DETERMINISTIC = {  # the methods' error-feedback defaults: round to nearest, no 
 
 
 class Probe(nn.Module):
-    """``forward(targets) = sum(p * t)``: the local gradient of p is t."""
+    """Parameters ``ps.0`` .. ``ps.4`` of SHAPES; the loss is the sum of the dot products
+    ``<p_i, t_i>``, so the gradient of ``p_i`` is exactly ``t_i``."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.ps = nn.ParameterList([nn.Parameter(torch.zeros(s)) for s in SHAPES])
+        self.ps = nn.ParameterList(nn.Parameter(torch.zeros(shape)) for shape in SHAPES)
 
     def forward(self, targets: list[torch.Tensor]) -> torch.Tensor:
-        return sum((p * t).sum() for p, t in zip(self.ps, targets, strict=True))
+        dots = [torch.dot(p.reshape(-1), t.reshape(-1)) for p, t in zip(self.ps, targets, strict=True)]
+        return torch.stack(dots).sum()
 
 
 def targets_of(step: int, rank: int, micro: int = 0) -> list[torch.Tensor]:
