@@ -110,11 +110,13 @@ def check_node_groups(nodes: Sequence[Sequence[int]], world_size: int) -> list[l
 
 
 def pack_share(share: BucketLayout, buffer: Tensor) -> Tensor:
-    """The share's entries of ``buffer`` back to back (a view when the share is one tensor)."""
-    parts = [buffer[o : o + n] for o, n in zip(share.offsets, share.numels, strict=True)]
-    if len(parts) == 1:
-        return parts[0]
-    return torch.cat(parts) if parts else buffer[:0]
+    """The share's entries of ``buffer`` back to back (a view when its tensors are adjacent there)."""
+    spans = list(zip(share.offsets, share.numels, strict=True))
+    if not spans:
+        return buffer[:0]
+    if all(o == spans[i][0] + spans[i][1] for i, (o, _) in enumerate(spans[1:])):
+        return buffer[spans[0][0] : spans[-1][0] + spans[-1][1]]
+    return torch.cat([buffer[o : o + n] for o, n in spans])
 
 
 def unpack_share(share: BucketLayout, flat: Tensor, buffer: Tensor) -> None:
@@ -206,7 +208,9 @@ class NodeTopology:
         """DDP rebuilds its buckets after the first step (and a resumed run starts from other buckets),
         which can move a tensor to another local owner: the holder's momentum and residual move with it
         (a sum inside the node, where the others hold zeros), so nothing is lost or left behind.  A
-        tensor seen for the first time is summed too: a resumed run's state may sit at another rank."""
+        tensor seen for the first time is summed too: a resumed run's state may sit at another rank.
+        All moved tensors go in one sum (per dtype and device)."""
+        moved: dict[tuple[torch.dtype, torch.device], list[tuple[Tensor, bool]]] = {}
         for j, share in enumerate(shares):
             for name in share.names:
                 before = self.owner_of.get(name)
@@ -214,11 +218,19 @@ class NodeTopology:
                 if before == j:
                     continue
                 mem = state.memory[name]
-                for what, t in (("residual", mem.residual), ("momentum", mem.momentum)):
+                for t in (mem.residual, mem.momentum):
                     if t is not None:
-                        self._node_sum(t, f"dgc.node.migrate.{what}.{name}")
-                        if j != self.local_rank:
-                            t.zero_()
+                        moved.setdefault((t.dtype, t.device), []).append((t, j == self.local_rank))
+        for (dtype, device), tensors in moved.items():
+            flat = torch.cat([t.reshape(-1) for t, _ in tensors])
+            self._node_sum(flat, f"dgc.node.migrate.{str(dtype).removeprefix('torch.')}.{device.type}")
+            start = 0
+            for t, mine in tensors:
+                if mine:
+                    t.copy_(flat[start : start + t.numel()].view_as(t))
+                else:
+                    t.zero_()
+                start += t.numel()
 
     # ------------------------------------------------------------------ one bucket
     def encode(self, state: DGCState, layout: BucketLayout, buffer: Tensor) -> tuple[Send, list[BucketLayout], int]:
@@ -259,17 +271,26 @@ class NodeTopology:
 
     def decode(self, state: DGCState, shares: list[BucketLayout], gathered: Tensor, width: int, out: Tensor) -> str | None:
         """Steps 3-4: sum each share's n messages into ``out`` (float32 work, divided by n); ``gathered``
-        holds every rank's padded message, by rank.  Returns None, or who sent a non-finite gradient."""
+        holds every rank's padded message, by rank.  Returns None, or who sent a non-finite gradient
+        (``out`` is then left as it was)."""
         rows = gathered.view(-1, width)
-        acc = torch.zeros(out.numel(), dtype=torch.float32, device=out.device)
-        bad = []
+        views = []
+        bad: list[int] = []
         for j, share in enumerate(shares):
             ranks = [g[j] for g in self.nodes]
             raw = rows[ranks, : share.message_bytes].contiguous().view(-1)
-            view = MessageView.of(raw, share, self.n_nodes)
-            flags = view.flags.reshape(-1) & FLAG_NONFINITE
+            views.append(MessageView.of(raw, share, self.n_nodes))
+            flags = views[-1].flags.reshape(-1) & FLAG_NONFINITE
             bad += [ranks[i] for i in torch.nonzero(flags).reshape(-1).tolist()]
-            if bad or not share.names:
+        if bad:
+            return f"rank(s) {sorted(bad)}"
+        if out.dtype == torch.float32:  # accumulate in place: no bucket-sized temporary
+            acc = out.zero_()
+        else:
+            acc = state.codec.scratch(shares[self.local_rank], out.device, "node_sum", out.numel(), torch.float32)
+            acc.zero_()
+        for share, view in zip(shares, views, strict=True):
+            if not share.names:
                 continue
             pos = unpack_positions(share, view, self.n_nodes).long()
             values, dense = wire_values(share, view, self.n_nodes)  # int8: dequantized
@@ -277,7 +298,7 @@ class NodeTopology:
                 acc.index_add_(0, pos[r], values[r].float())
             if share.dense_numel:
                 acc.index_add_(0, state.codec.dense_positions(share, out.device), dense.float().sum(dim=0))
-        if bad:
-            return f"rank(s) {sorted(bad)}"
-        out.copy_(acc.div_(self.n_nodes))
+        acc.div_(self.n_nodes)
+        if acc is not out:
+            out.copy_(acc)
         return None

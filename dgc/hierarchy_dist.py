@@ -53,11 +53,18 @@ class TorchNodeTopology(NodeTopology):
         dist.all_reduce(t, group=self.intra)
 
     def _reduce_to_owners(self, state: DGCState, shares: list[BucketLayout], buffer: Tensor) -> None:
-        """One reduce per share (the bytes of a reduce-scatter, half those of an allreduce)."""
+        """One reduce per share (the bytes of a reduce-scatter, half those of an allreduce), all in
+        flight at once; then this rank's share, averaged, back into ``buffer``."""
+        works, mine = [], None
         for j, share in enumerate(shares):
             if not share.names:
                 continue
             flat = pack_share(share, buffer)
-            dist.reduce(flat, dst=self._global(self.group, self.nodes[self.node][j]), group=self.intra)
+            dst = self._global(self.group, self.nodes[self.node][j])
+            works.append(dist.reduce(flat, dst=dst, group=self.intra, async_op=True))
             if j == self.local_rank:
-                unpack_share(share, flat.div_(self.local_size), buffer)
+                mine = flat
+        for work in works:
+            work.wait()
+        if mine is not None:
+            unpack_share(shares[self.local_rank], mine.div_(self.local_size), buffer)

@@ -21,6 +21,7 @@ import sys
 import horovod.torch as hvd
 import torch
 import torch.nn as nn
+from worker import loss_fn, max_over_ranks  # this file's folder is on sys.path (run as a script)
 
 import dgc
 import dgc.horovod
@@ -49,14 +50,6 @@ def make_model() -> Net:
 def batches(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(1000 + hvd.rank())
     return [(torch.randn(8, 32, generator=gen), torch.randn(8, 4, generator=gen)) for _ in range(steps)]
-
-
-def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return nn.functional.mse_loss(model(x), y)
-
-
-def max_over_ranks(value: float) -> float:
-    return float(hvd.allreduce(torch.tensor([value], dtype=torch.float64), op=hvd.Max).item())
 
 
 def optimizer(model: nn.Module, cfg: dgc.DGCConfig, nodes: list[list[int]] | None = NODES):
