@@ -58,6 +58,8 @@ def unpack_bits(packed: Tensor, bits: int, numel: int) -> Tensor:
         shifts = torch.arange(per, device=packed.device, dtype=torch.uint8) * bits
         return ((packed.unsqueeze(1) >> shifts) & mask).reshape(-1)[:numel]
     groups = -(-numel // 8)
+    if groups == 0:
+        return torch.empty(0, dtype=torch.uint8, device=packed.device)
     raw = _pad(packed[: packed_bytes(numel, bits)], groups * bits).view(groups, bits)
     words = torch.zeros(groups, 8, dtype=torch.uint8, device=packed.device)
     words[:, :bits] = raw
