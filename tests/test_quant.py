@@ -334,8 +334,8 @@ def test_compress_option_composes_and_builds(option):
     c = comm.quant_config
     assert c.method == option and c.error_feedback and c.seed == 7 and c.chunk_size == 512
     assert comm.describe().startswith(option)
-    with pytest.raises(ValueError, match="DDP"):
-        comm.check(dist_name="horovod", optim=cfg.optim)
+    with pytest.raises(ValueError, match="dist=ddp or dist=horovod"):
+        comm.check(dist_name="mpi", optim=cfg.optim)
     bad = _compose(f"+compress={option}", "compress.config.chunk_size=0")
     with pytest.raises(Exception, match="chunk_size"):
         instantiate(bad.compress)

@@ -4,7 +4,7 @@ Without ``+compress=...`` training uses :class:`Allreduce`, DDP's own bucketed a
 The options of the ``compress`` config group (conf/compress/) are subclasses:
 :class:`~dgc.training.dgc_communication.DGCCommunication` (``dgc``, ``topk``),
 :class:`~dgc.training.quant_communication.QuantCommunication` (``int8``, ``terngrad``, ``qsgd``:
-quantized gradients in a two-phase exchange, DDP only) and
+quantized gradients in a two-phase exchange, DDP or Horovod) and
 :class:`~dgc.training.torch_hooks.FP16Compression`, :class:`~dgc.training.torch_hooks.PowerSGD`
 (PyTorch's own hooks, for comparison).  Each one
 

@@ -1,7 +1,8 @@
 """``dist=horovod``: the same loop under ``horovodrun -np N python launch/train.py dist=horovod``.
 
 Horovod has no DDP wrapper: gradients are averaged by a wrapped optimizer
-(``hvd.DistributedOptimizer``, or ``dgc.horovod.DistributedOptimizer`` for ``compress=dgc``/``topk``),
+(``hvd.DistributedOptimizer``, ``dgc.horovod.DistributedOptimizer`` for ``compress=dgc``/``topk``, or
+``dgc.quant.horovod.DistributedOptimizer`` for ``compress=int8``/``terngrad``/``qsgd``),
 and rank 0's weights and optimizer state are broadcast once before training.
 """
 

@@ -261,6 +261,7 @@ class Trainer:
         """What a checkpoint holds: ``common`` (written by rank 0) and this rank's part."""
         opt_state = self.optimizer.state_dict()
         opt_state.pop("dgc", None)  # dgc.horovod's per-rank DGC state: saved by comm, per rank
+        opt_state.pop("quant", None)  # dgc.quant.horovod's per-rank residuals: likewise
         common = {
             "epoch": self.pos.epoch, "batch": self.pos.batch, "world_size": self.ctx.world_size,
             "model": self.model.state_dict(), "optimizer": opt_state,
