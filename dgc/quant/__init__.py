@@ -11,16 +11,21 @@ the number of workers (docs/quantization.md)::
 
 from __future__ import annotations
 
+from dgc.kernels import quant_fused
+
 from .config import METHODS, QuantConfig
 from .encoded import Encoded
 from .exchange import ExchangePlan
 from .feedback import Feedback, quantize_with_feedback
+from .fused_check import self_check
 from .hook import quant_hook
 from .int8 import Int8Quantizer
 from .qsgd import QSGD
 from .quantizer import BlockQuantizer
 from .state import QuantState
 from .terngrad import TernGrad
+
+quant_fused.register_self_check(self_check)  # a build must match the reference to be used
 
 __all__ = [
     "METHODS",

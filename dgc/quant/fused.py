@@ -11,6 +11,7 @@ they are the same bits.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -20,7 +21,9 @@ from dgc.kernels import quant_fused
 from .blocks import block_width, num_blocks
 from .encoded import Encoded, encoded_bytes
 from .packing import packed_bytes
-from .quantizer import BlockQuantizer
+
+if TYPE_CHECKING:  # the quantizer imports this module when it dispatches
+    from .quantizer import BlockQuantizer
 
 __all__ = ["Fused", "fused_decode", "fused_encode"]
 
@@ -105,3 +108,4 @@ def fused_decode(q: BlockQuantizer, encoded: Encoded, *, out: Tensor | None = No
         out.copy_(values.view(out.shape))
         return out
     return values
+
