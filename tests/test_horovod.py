@@ -133,11 +133,6 @@ def test_momentum_applied_twice_is_rejected() -> None:
         dgc.horovod.DistributedOptimizer(
             dgc.DGCSGD(model.parameters()), [("weight", model.weight)]
         )
-    with pytest.raises(ValueError, match="hierarchy"):
-        dgc.horovod.DistributedOptimizer(
-            dgc.DGCSGD(model.parameters()), model.named_parameters(),
-            config=dgc.DGCConfig(hierarchy="node"),
-        )
 
 
 # ------------------------------------------------------------------- horovodrun --gloo -np 2

@@ -56,7 +56,7 @@ class HorovodRuntime:
 
     def init(self) -> DistContext:
         hvd = self.hvd
-        hvd.init()
+        hvd.init(process_sets="dynamic")  # hierarchy=node adds one process set per node
         use_cuda = self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())
         if use_cuda:
             device = torch.device("cuda", hvd.local_rank())
