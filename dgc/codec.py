@@ -234,19 +234,21 @@ class Codec:
         message_bytes: int | None = None,
         as_message: bool | None = None,
         divide: int = 1,
+        whole: bool = False,
     ) -> Send:
         """This worker's contribution of the group in ``buffer`` (local gradients, flat; modified in place).
 
         Sparse groups get a message; dense groups get a payload to be *summed* by the transport, already
         divided by ``divide`` (pass N before a sum, or keep 1 and reduce with an average).  ``track``
         records per tensor what was sent; ``as_message`` forces a message (a share of a sparse bucket
-        that holds no sparse tensor)."""
+        that holds no sparse tensor); ``whole``: a dense payload is the whole buffer, zeros outside the
+        layout's tensors included (a share of a dense bucket, summed over every process)."""
         finite = self.state.finite(buffer)
         message = layout.compressed if as_message is None else as_message
         if message:
             send = self._encode_sparse(layout, buffer, finite)
         else:  # tracked payloads are noted before the division (what v gives back is undivided)
-            send = self._encode_dense(layout, buffer, finite, 1 if track else divide)
+            send = self._encode_dense(layout, buffer, finite, 1 if track else divide, whole)
         if track and finite:
             self._note_parts(send)
         if not message and (track or not finite) and divide != 1:
@@ -254,14 +256,15 @@ class Codec:
         self.count(send, message_bytes)
         return send
 
-    def _encode_dense(self, layout: BucketLayout, buffer: Tensor, finite: bool, divide: int) -> Send:
+    def _encode_dense(self, layout: BucketLayout, buffer: Tensor, finite: bool, divide: int, whole: bool) -> Send:
         direct: tuple[bool, ...] = ()
         if finite:
             direct = tuple(
                 self.state.compress_dense_in_place(name, buffer[off : off + numel], divide)
                 for name, off, numel in zip(layout.names, layout.offsets, layout.numels, strict=True)
             )
-        live = self.dense_positions(layout, buffer.device) if layout.dense_numel < buffer.numel() else None
+        partial = not whole and layout.dense_numel < buffer.numel()
+        live = self.dense_positions(layout, buffer.device) if partial else None
         payload = buffer if live is None else buffer.index_select(0, live)
         return Send(layout=layout, buffer=buffer, finite=finite, payload=payload, live=live, direct=direct)
 

@@ -254,10 +254,9 @@ class NodeTopology:
             start = off + numel
         buffer[start:].zero_()
         width = max(s.message_bytes for s in shares) if layout.compressed else 0
+        # a dense bucket: every rank reduces the whole (zero-padded) bucket, and counts it
         send = state.codec.encode(mine, buffer, track=state.track_sent, message_bytes=width,
-                                  as_message=layout.compressed)
-        if not layout.compressed:
-            send.payload, send.live = buffer, None  # every rank reduces the whole (zero-padded) bucket
+                                  as_message=layout.compressed, whole=not layout.compressed)
         return send, width
 
     def padded(self, state: DGCState, send: Send, width: int) -> Tensor:

@@ -69,8 +69,9 @@ def train(cfg: dgc.DGCConfig, steps: int) -> dict:
         loss_fn(model, x, y).backward()
         opt.step()
         params.append({n: p.detach().clone() for n, p in model.named_parameters()})
-        received += opt.dgc_state.stats.bytes_received
-        sparse += opt.dgc_state.stats.sparse_buckets > 0
+        if opt.dgc_state.stats.sparse_buckets > 0:  # the dense steps reduce whole buckets either way
+            received += opt.dgc_state.stats.bytes_received
+            sparse += 1
     return {"params": params, "received": received, "sparse_steps": sparse}
 
 
