@@ -25,13 +25,9 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
-import platform
-import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +35,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from .cpp_build import compile_cached
 from .reference import (
     BLOCK,
     candidates_above,
@@ -64,8 +61,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).resolve().parent / "cpu_fused.cpp"
-_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC")
-"""``-ffp-contract=off``: no fused multiply-add except where the source asks for one (bit-compatibility)."""
 
 _KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 _ACCUMULATE, _MOMENTUM_FMA, _MOMENTUM_MUL_ADD, _NESTEROV, _READ_ONLY = 0, 1, 2, 3, -1
@@ -75,52 +70,12 @@ _i64 = ctypes.c_int64
 
 
 # ------------------------------------------------------------------------------------------------ build
-def _cache_dir() -> Path:
-    if os.environ.get("DGC_KERNEL_CACHE"):
-        return Path(os.environ["DGC_KERNEL_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "dgc" / "kernels"
-
-
-def _cpu_flags() -> str:
-    """What ``-march=native`` depends on: the CPU's feature flags (a shared cache never hands a build to
-    a CPU without the instructions it uses)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def build() -> Path:
     """Compile ``cpu_fused.cpp`` (once; cached) and return the shared library's path.
 
     Raises ``RuntimeError`` when no compiler is found or the compilation fails.
     """
-    cxx = shutil.which(os.environ.get("CXX", "g++"))
-    if cxx is None:
-        raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'g++')} not on PATH; set CXX)")
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256(
-        "\0".join([_SOURCE.read_text(), " ".join(_FLAGS), version, platform.machine(), _cpu_flags()]).encode()
-    ).hexdigest()[:16]
-    target = _cache_dir() / f"cpu_fused-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)  # several ranks may build at once
-    os.close(fd)
-    try:
-        done = subprocess.run([cxx, *_FLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, text=True, check=False)
-        if done.returncode:
-            raise RuntimeError(f"{cxx} failed: {done.stderr.strip()[-500:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    return compile_cached(_SOURCE, "cpu_fused")
 
 
 @dataclass(frozen=True)

@@ -21,15 +21,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import math
 import os
-import platform
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,15 +34,13 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .cpu_fused import _cache_dir, _cpu_flags
+from .cpp_build import compile_cached
 
 __all__ = ["Grid", "METHOD_CODES", "build", "decode", "encode", "is_available"]
 
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).resolve().parent / "quant_fused.cpp"
-_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC")
-"""``-ffp-contract=off``: no fused multiply-add, so every rounding step is the reference's."""
 
 METHOD_CODES = {"int8": 0, "terngrad": 1, "qsgd": 2}
 """The kernel's number for each :attr:`dgc.quant.BlockQuantizer.method`."""
@@ -80,28 +74,7 @@ def build() -> Path:
 
     Raises ``RuntimeError`` when no compiler is found or the compilation fails.
     """
-    cxx = shutil.which(os.environ.get("CXX", "g++"))
-    if cxx is None:
-        raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'g++')} not on PATH; set CXX)")
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256(
-        "\0".join([_SOURCE.read_text(), " ".join(_FLAGS), version, platform.machine(), _cpu_flags()]).encode()
-    ).hexdigest()[:16]
-    target = _cache_dir() / f"quant_fused-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)  # several ranks may build at once
-    os.close(fd)
-    try:
-        done = subprocess.run([cxx, *_FLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, text=True, check=False)
-        if done.returncode:
-            raise RuntimeError(f"{cxx} failed: {done.stderr.strip()[-500:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    return compile_cached(_SOURCE, "quant_fused")
 
 
 def _load(path: Path) -> ctypes.CDLL:
