@@ -30,6 +30,8 @@ from dgc.training.dgc_communication import DGCCommunication
 from dgc.training.quant_communication import QuantCommunication
 from dgc.training.torch_hooks import FP16Compression, PowerSGD
 
+from .quant_probe import ProbeCommunication
+
 __all__ = ["AUTO_INTERVAL", "METHODS", "QUANT_METHODS", "SWEEP_METHODS", "MethodContext", "MethodSpec",
            "WARMUP_DENSITY", "least_warmup", "optimizer_config"]
 
@@ -58,6 +60,10 @@ class MethodContext:
     """The backend that moves the bytes: ``gloo`` or ``nccl``."""
     powersgd_bucket_cap_mb: float | None = None
     """PowerSGD's DDP bucket size; None = one bucket on gloo, DDP's ``bucket_cap_mb`` on NCCL."""
+    codec_world_size: int | None = None
+    """None: the real run. N: the one-rank codec run (``measure_codec``) of a run of N processes,
+    where the quantized methods (one worker of which quantizes nothing) do one of N workers' work
+    with the collectives looped back (:mod:`.quant_probe`); N = 1 builds the real class."""
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -102,9 +108,14 @@ _AUTO = {"policy": "auto", "policy_interval": AUTO_INTERVAL}
 
 def _quant(method: str, **fields: object) -> Callable[[MethodContext], Communication]:
     """``compress=<method>``: :class:`QuantConfig` with the option's defaults (error feedback,
-    round to nearest, a scale per 512 elements) and the dist config's DDP buckets."""
+    round to nearest, a scale per 512 elements) and the dist config's DDP buckets; in the codec
+    run of N > 1 processes, the same config on :mod:`.quant_probe`'s one-of-N-workers hook."""
     def build(ctx: MethodContext) -> Communication:
-        return QuantCommunication(config=QuantConfig(method=method, **fields), name=method)
+        config = QuantConfig(method=method, **fields)
+        n = ctx.codec_world_size
+        if n is not None and n > 1:
+            return ProbeCommunication(config=config, name=method, world_size=n)
+        return QuantCommunication(config=config, name=method)
 
     return build
 

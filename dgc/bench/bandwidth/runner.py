@@ -65,17 +65,19 @@ def run_method(
     device: torch.device | None = None,
     rank: int | None = None,
     direction: list[torch.Tensor] | None = None,
+    codec_world_size: int | None = None,
 ) -> MethodResult:
     """Train ``opts.warmup + steps`` steps of a fresh DDP model with ``spec``'s class on the
     default group (a counting one) and measure the last ``steps``; every rank calls it.
-    ``rank`` seeds the batch (default: this rank)."""
+    ``rank`` seeds the batch (default: this rank); ``codec_world_size``: the processes of the run
+    whose codec a one-rank group measures (:attr:`MethodContext.codec_world_size`; None: a real run)."""
     steps = opts.steps if steps is None else steps
     replay = opts.replay if replay is None else replay
     device = device or torch.device("cpu")
     n = dist.get_world_size()
     rank = dist.get_rank() if rank is None else rank
     iface = opts.iface or default_iface(counting_group().inner_backend)
-    run = attach(spec, opts, device, rank, direction)
+    run = attach(spec, opts, device, rank, direction, codec_world_size=codec_world_size)
     for _ in range(max(opts.warmup, spec.warmup)):
         dist.barrier()
         run.step()
@@ -131,17 +133,21 @@ def _sparse_buckets(state: Any) -> list[bool] | None:
 
 # ------------------------------------------------------------------------------------ the codec
 def measure_codec(opts: RunOptions, backend: str, device: torch.device, rank: int,
-                  direction: list[torch.Tensor] | None = None) -> dict[str, dict[str, float]]:
+                  direction: list[torch.Tensor] | None = None, *,
+                  world_size: int) -> dict[str, dict[str, float]]:
     """Every method's step on a one-rank group (same model, class and compute, no network):
     ``{method: {"local_step_s", "local_cpu_s"}}``. Runs before the real group starts (the
     training classes use the default group, so this one is the default group for a while);
-    every node does it at the same time. ``rank`` seeds the batch, as in the real run."""
+    every node does it at the same time. ``rank`` seeds the batch, as in the real run;
+    ``world_size`` is the real run's process count: the quantized methods, which quantize nothing
+    on one worker, do one of ``world_size`` workers' work there (:mod:`.quant_probe`)."""
     init_counting_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     try:
         out = {}
         for name in opts.methods:
             loc = run_method(METHODS[name], opts, steps=opts.local_steps, measure_bytes=False,
-                             replay=0, device=device, rank=rank, direction=direction)
+                             replay=0, device=device, rank=rank, direction=direction,
+                             codec_world_size=world_size)
             gc.collect()  # free the model, its DDP buckets and the method's state
             out[name] = {"local_step_s": loc.step_s, "local_cpu_s": loc.step_cpu_s}
         return out
@@ -248,9 +254,10 @@ def worker(opts: RunOptions, backend: str, out: Path | None, timeout_s: float) -
     on the real group; rank 0 returns (and writes) the results."""
     opts.check()
     device = _device(backend)
-    rank = int(os.environ.get("RANK", "0"))
+    rank, n = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     direction = synthetic_directions(opts, rank, device)
-    codec = measure_codec(opts, backend, device, rank, direction) if opts.local_steps else None
+    codec = (measure_codec(opts, backend, device, rank, direction, world_size=n)
+             if opts.local_steps else None)
     init_counting_process_group(backend, init_method="env://",
                                 timeout=datetime.timedelta(seconds=timeout_s))
     try:

@@ -94,10 +94,12 @@ class AttachedMethod:
 
 
 def attach(spec: MethodSpec, opts: RunOptions, device: torch.device, rank: int,
-           direction: list[torch.Tensor] | None) -> AttachedMethod:
-    """A fresh model (identical on every rank) in DDP with the method's class attached."""
+           direction: list[torch.Tensor] | None, *, codec_world_size: int | None = None) -> AttachedMethod:
+    """A fresh model (identical on every rank) in DDP with the method's class attached
+    (``codec_world_size``: :attr:`MethodContext.codec_world_size`)."""
     comm = spec.build(MethodContext(backend=counting_group().inner_backend,
-                                    powersgd_bucket_cap_mb=opts.powersgd_bucket_cap_mb))
+                                    powersgd_bucket_cap_mb=opts.powersgd_bucket_cap_mb,
+                                    codec_world_size=codec_world_size))
     optim = optimizer_config(opts.lr)
     comm.check(dist_name="ddp", optim=optim)
     total = max(opts.warmup, spec.warmup) + opts.steps
