@@ -6,7 +6,8 @@ reports per step the bytes on the interface (kernel counters), the bytes handed 
 collectives (counted by the :class:`~.counting.CountingProcessGroup`), the method's own account
 (``step_stats()``), the step and hook times, and the communication replayed alone. The codec
 time comes from the same runs on a one-rank group (:func:`measure_codec`, before the real group
-starts). See docs/bandwidth.md.
+starts; the quantized methods do one of the run's N workers' work there, :mod:`.quant_probe`).
+See docs/bandwidth.md.
 """
 
 from __future__ import annotations
