@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -225,18 +226,16 @@ def direct_dense_ok(memory: TensorMemory, grad: Tensor, config: DGCConfig) -> bo
     )
 
 
-def compress_dense_direct(memory: TensorMemory, grad: Tensor, config: DGCConfig, divide: int) -> None:
+def compress_dense_direct(
+    memory: TensorMemory, grad: Tensor, config: DGCConfig, divide: int, kernels: ModuleType
+) -> None:
     """:func:`compress_dense` + :func:`finish_dense` for a tensor whose v is zero (see
-    :func:`direct_dense_ok`),  in two passes instead of five: ``u = m u + g`` and ``grad = u / divide``.
-    v = 0 + u would be sent whole and cleared, so v is left untouched; the payload is u itself (the
-    values :func:`compress_dense` gives, up to the sign of zeros).  A failed step gives it back with :func:`undo_direct`."""
-    g = grad.reshape(-1)
-    u = memory.momentum
-    torch.add(g, u, alpha=config.momentum, out=u)
-    if divide == 1:
-        g.copy_(u)
-    else:
-        torch.div(u, divide, out=g)
+    :func:`direct_dense_ok`), in one or two passes instead of five: ``u = m u + g`` and
+    ``grad = u / divide`` (``kernels.dense_momentum``: one fused pass on the compiled CPU path, the
+    twin's two torch operations elsewhere, the same bits).  v = 0 + u would be sent whole and cleared,
+    so v is left untouched; the payload is u itself (the values :func:`compress_dense` gives, up to the
+    sign of zeros).  A failed step gives it back with :func:`undo_direct`."""
+    kernels.dense_momentum(grad.reshape(-1), memory.momentum, config.momentum, divide)
 
 
 def undo_direct(memory: TensorMemory) -> None:

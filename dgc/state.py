@@ -269,7 +269,7 @@ class DGCState:
         mem = self._memory_on(name, grad.device)
         if self.config.hierarchy == "flat" and compressor.direct_dense_ok(mem, grad, self.config):
             compressor.preprocess(grad, self._param_for(name, None), self.config, self.world_size)
-            compressor.compress_dense_direct(mem, grad, self.config, divide)
+            compressor.compress_dense_direct(mem, grad, self.config, divide, self.kernels_for(grad))
             return True
         self.compress_dense(name, grad, out=grad)
         if divide != 1:

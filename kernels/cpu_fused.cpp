@@ -8,6 +8,8 @@
 // Each function works on a range [lo, hi) of elements whose bounds are multiples of DGC_BLOCK (except
 // hi == n); the Python side splits a tensor into one range per thread and calls these without the GIL.
 // Blocks of DGC_BLOCK consecutive elements are the unit of the block maxima (docs/kernels.md).
+// dgc_cpu_dense_momentum is the dense path's pass (dgc/compressor.py compress_dense_direct): the two
+// torch operations of reference.dense_momentum in one read of g, u and one write of u, g.
 
 #include <cmath>
 #include <cstdint>
@@ -254,6 +256,18 @@ int64_t candidates(const void* x, const uint8_t* mask, const float* bm, int64_t 
   return count;
 }
 
+// The dense path's one pass over [lo, hi): x = g + m*u (rounded as MODE says), u = x, g = x / divide
+// (a true division, as torch.div; DIVIDE false: g = x).
+template <int MODE, bool DIVIDE>
+void dense_momentum(float* __restrict__ g, float* __restrict__ u, int64_t lo, int64_t hi, float m,
+                    float divide) {
+  for (int64_t i = lo; i < hi; ++i) {
+    const float x = MODE == MOMENTUM_FMA ? std::fma(m, u[i], g[i]) : g[i] + m * u[i];
+    u[i] = x;
+    g[i] = DIVIDE ? x / divide : x;
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -293,6 +307,22 @@ int64_t dgc_cpu_blocks_above(const float* bm, int64_t nb, float thr) {
   int64_t count = 0;
   for (int64_t b = 0; b < nb; ++b) count += bm[b] >= thr;
   return count;
+}
+
+// The dense path over [lo, hi): u <- g + m*u, g <- u / divide (divide == 1: g <- u), in one pass.
+// mode: MOMENTUM_FMA or MOMENTUM_MUL_ADD (how torch.add(g, u, alpha=m) rounds).  Returns 0, or -1 for
+// another mode.
+int dgc_cpu_dense_momentum(float* g, float* u, int64_t lo, int64_t hi, float m, int mode, float divide) {
+  const bool div = divide != 1.0f;
+  if (mode == MOMENTUM_FMA) {
+    (div ? dense_momentum<MOMENTUM_FMA, true> : dense_momentum<MOMENTUM_FMA, false>)(g, u, lo, hi, m, divide);
+  } else if (mode == MOMENTUM_MUL_ADD) {
+    (div ? dense_momentum<MOMENTUM_MUL_ADD, true> : dense_momentum<MOMENTUM_MUL_ADD, false>)(g, u, lo, hi, m,
+                                                                                             divide);
+  } else {
+    return -1;
+  }
+  return 0;
 }
 
 }  // extern "C"

@@ -56,6 +56,7 @@ __all__ = [
     "block_absmax",
     "candidates_above",
     "compress_step",
+    "dense_momentum",
     "exact_threshold",
     "is_available",
     "kernel_source",
@@ -484,3 +485,12 @@ def scatter_unpack(out: Tensor, indices: Tensor, values: Tensor, world_size: int
     if acc is not flat:
         flat.copy_(acc)
     return out
+
+
+def dense_momentum(g: Tensor, u: Tensor, momentum: float, divide: float) -> None:
+    """:func:`reference.dense_momentum` on the GPU: its two torch operations, on the current stream.
+
+    Not a fused kernel yet: on CUDA ``torch.add(g, u, alpha=m)`` contracts to an fma and ``torch.div`` by
+    a Python number multiplies by its reciprocal, so one kernel would have to reproduce both to keep the
+    twin's bits, and that can only be checked on a GPU.  The two passes give those bits by construction."""
+    reference.dense_momentum(g, u, momentum, divide)

@@ -53,6 +53,7 @@ __all__ = [
     "check_k",
     "check_state",
     "compress_step",
+    "dense_momentum",
     "exact_threshold",
     "largest",
     "pack",
@@ -497,6 +498,20 @@ def compress_step(
     idx = _select(v, k, sample_ratio, offset, block_max, fm)  # step 3
     pack(v, u, idx, out_indices, out_values, momentum_masking)  # steps 4-5
     return idx
+
+
+def dense_momentum(g: Tensor, u: Tensor, momentum: float, divide: float) -> None:
+    """The dense path's step for a tensor whose residual is zero (``dgc.compressor.compress_dense_direct``),
+    in place: ``u <- g + momentum * u``, then ``g <- u / divide`` (the payload the allreduce sums;
+    ``divide == 1``: a copy of u).  ``g`` and ``u``: float32, the same shape.
+
+    Two torch operations, two passes over memory; the compiled path does them in one with these bits.
+    """
+    torch.add(g, u, alpha=momentum, out=u)
+    if divide == 1:
+        g.copy_(u)
+    else:
+        torch.div(u, divide, out=g)
 
 
 def check_k(k: int, n: int) -> None:
