@@ -7,12 +7,12 @@ over steps) and that the ranks' parameters stay identical; rank 0 writes the fig
 
 from __future__ import annotations
 
-import json
 import sys
 
 import horovod.torch as hvd
 import torch
 import torch.nn as nn
+from horovod_workers.hvd_main import run_and_report
 
 import dgc
 import dgc.horovod
@@ -83,15 +83,7 @@ def run(steps: int = 7) -> dict:
 
 
 def main() -> None:
-    out = sys.argv[1]
-    torch.set_num_threads(1)
-    hvd.init()
-    result = run()
-    result["world_size"] = hvd.size()
-    if hvd.rank() == 0:
-        with open(out, "w") as f:
-            json.dump(result, f)
-    hvd.shutdown()
+    run_and_report(run, sys.argv[1])
 
 
 if __name__ == "__main__":

@@ -15,12 +15,12 @@ Every rank runs the scenario; rank 0 writes a JSON of measured figures to OUT.  
 
 from __future__ import annotations
 
-import json
 import sys
 
 import horovod.torch as hvd
 import torch
 import torch.nn as nn
+from hvd_main import run_and_report
 from worker import loss_fn, max_over_ranks  # this file's folder is on sys.path (run as a script)
 
 import dgc
@@ -205,17 +205,11 @@ SCENARIOS = {"equal": scenario_equal, "invariant": scenario_invariant, "static_s
 
 def main() -> None:
     scenario, out = sys.argv[1], sys.argv[2]
-    torch.set_num_threads(1)
     if scenario == "static_sets":
-        hvd.init(process_sets=[hvd.ProcessSet(g) for g in NODES])
+        init = {"process_sets": [hvd.ProcessSet(g) for g in NODES]}
     else:
-        hvd.init(process_sets="dynamic")
-    result = SCENARIOS[scenario]()
-    result["world_size"] = hvd.size()
-    if hvd.rank() == 0:
-        with open(out, "w") as f:
-            json.dump(result, f)
-    hvd.shutdown()
+        init = {"process_sets": "dynamic"}
+    run_and_report(SCENARIOS[scenario], out, **init)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ is known.  Scenarios:
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 import sys
@@ -28,6 +27,7 @@ import warnings
 import horovod.torch as hvd
 import torch
 import torch.distributed as dist
+from hvd_main import run_and_report
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -424,15 +424,7 @@ SCENARIOS = {
 
 
 def main() -> None:
-    scenario, out = sys.argv[1], sys.argv[2]
-    torch.set_num_threads(1)
-    hvd.init()
-    result = SCENARIOS[scenario]()
-    result["world_size"] = hvd.size()
-    if hvd.rank() == 0:
-        with open(out, "w") as f:
-            json.dump(result, f)
-    hvd.shutdown()
+    run_and_report(SCENARIOS[sys.argv[1]], sys.argv[2])
 
 
 if __name__ == "__main__":

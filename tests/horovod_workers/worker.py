@@ -17,7 +17,6 @@ Scenarios:
 from __future__ import annotations
 
 import io
-import json
 import os
 import sys
 import warnings
@@ -26,6 +25,7 @@ import horovod.torch as hvd
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from hvd_main import run_and_report
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dgc
@@ -499,15 +499,7 @@ SCENARIOS = {
 
 
 def main() -> None:
-    scenario, out = sys.argv[1], sys.argv[2]
-    torch.set_num_threads(1)
-    hvd.init()
-    result = SCENARIOS[scenario]()
-    result["world_size"] = hvd.size()
-    if hvd.rank() == 0:
-        with open(out, "w") as f:
-            json.dump(result, f)
-    hvd.shutdown()
+    run_and_report(SCENARIOS[sys.argv[1]], sys.argv[2])
 
 
 if __name__ == "__main__":
