@@ -342,3 +342,115 @@ def test_backend_for_picks_the_compiled_path(caplog):
         assert K.backend_for(torch.device("cpu")) is cpu_fused
         assert K.backend_for(torch.device("cpu"), "torch") is reference
     assert not caplog.records
+
+
+# ------------------------------------------------------------------------- the dense path (issue 13)
+def dense_inputs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """g and u with NaN, +-inf and signed zeros in g, and inf/NaN in u (a non-finite step's leftovers)."""
+    gen = torch.Generator().manual_seed(seed)
+    g, u = torch.randn(n, generator=gen), torch.randn(n, generator=gen) * 3
+    g[::97] = float("nan")
+    g[5::101] = float("inf")
+    g[7::103] = float("-inf")
+    g[11::107] = -0.0
+    u[13::109] = float("inf")
+    u[17::113] = float("nan")
+    u[11::107 * 3] = 0.0
+    return g, u
+
+
+def dense_run(impl, g: torch.Tensor, u: torch.Tensor, momentum: float, divide: float) -> tuple[torch.Tensor, ...]:
+    g, u = g.clone(), u.clone()
+    assert impl.dense_momentum(g, u, momentum, divide) is None
+    return g, u
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 10**6 + 3])
+@pytest.mark.parametrize("divide", [1, 3, 4])
+@pytest.mark.parametrize("momentum", [0.9, 0.5])
+def test_dense_momentum_compiled_equals_twin(n, divide, momentum):
+    g, u = dense_inputs(n, seed=n + divide)
+    want = dense_run(reference, g, u, momentum, divide)
+    if n > 1:  # the twin is the torch lines it stands for (ordinary values: division, not a reciprocal)
+        assert same_bits(want[1], torch.add(g, u, alpha=momentum))
+        assert same_bits(want[0], want[1] / divide)
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            got = dense_run(cpu_fused, g, u, momentum, divide)
+            assert same_bits(got[0], want[0]), f"g differs ({t} threads)"
+            assert same_bits(got[1], want[1]), f"u differs ({t} threads)"
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_dense_momentum_data_tells_the_shortcuts_apart():
+    """On this data a multiply by 1/divide, or the other rounding of the momentum step (multiply-then-add
+    where torch uses an fma, or the reverse), gives other bits: the equality tests above would catch them."""
+    g, u = (t.nan_to_num(0.0, 0.0, 0.0) for t in dense_inputs(10**5 + 1, seed=3))
+    got_g, got_u = dense_run(cpu_fused, g, u, 0.9, 3)
+    assert not same_bits(got_g, got_u * (1 / 3))
+    mul_add = g + u * 0.9
+    fma = (g.double() + u.double() * torch.tensor(0.9).double()).float()  # exact product, one rounding
+    # (a double-rounded stand-in for the fma: differs from it on a handful of ties at most)
+    other = mul_add if cpu_fused._library().momentum_mode == cpu_fused._MOMENTUM_FMA else fma
+    assert (got_u != other).sum() > 100
+
+
+def test_every_backend_offers_dense_momentum():
+    """The modules ``backend_for`` hands out (twin, compiled, CuPy: emulated here) all have it, with the
+    twin's bits."""
+    import dgc.kernels as K
+    from test_kernels_emulator import available, emulated_backend
+
+    modules = [K.backend_for(torch.device("cpu")), K.backend_for(torch.device("cpu"), "torch")]
+    if available() is None:
+        modules.append(emulated_backend()[0])
+    g, u = dense_inputs(70_001, seed=5)
+    want = dense_run(reference, g, u, 0.9, 4)
+    for module in modules:
+        got = dense_run(module, g, u, 0.9, 4)
+        assert same_bits(got[0], want[0]) and same_bits(got[1], want[1]), module.__name__
+
+
+def test_dense_momentum_other_inputs_go_to_the_twin():
+    """Strided or float64 tensors: the twin's result, written in place (nothing lost in a copy)."""
+    gen = torch.Generator().manual_seed(7)
+    wide, u = torch.randn(5000, 2, generator=gen), torch.randn(5000, generator=gen)
+    for impl in (reference, cpu_fused):
+        g = wide.clone()[:, 0]  # strided
+        uu = u.clone()
+        impl.dense_momentum(g, uu, 0.9, 3)
+        assert same_bits(uu, torch.add(wide[:, 0], u, alpha=0.9))
+        assert same_bits(g, uu / 3)
+    g64, u64 = wide[:, 1].double().contiguous(), u.double()
+    want = dense_run(reference, g64, u64, 0.9, 3)
+    got = dense_run(cpu_fused, g64, u64, 0.9, 3)
+    assert same_bits(got[0], want[0]) and same_bits(got[1], want[1])
+
+
+def test_dense_direct_path_same_bits_on_both_backends():
+    """``DGCState.compress_dense_in_place`` (the direct path after the first delivered step) with the
+    compiled path and with the twins: the same payloads and the same u over several steps."""
+    import dgc
+
+    shapes = {"w": (300, 70), "b": (70,)}
+    out = {}
+    for backend in ("auto", "torch"):
+        config = dgc.DGCConfig(dense_steps=0, min_compress_numel=1, momentum=0.9, backend=backend)
+        state = dgc.DGCState(config, [(n, torch.nn.Parameter(torch.zeros(s))) for n, s in shapes.items()])
+        gen = torch.Generator().manual_seed(11)
+        sent, direct = [], []
+        for _ in range(3):
+            for name, shape in shapes.items():
+                buf = torch.randn(torch.Size(shape).numel(), generator=gen)
+                direct.append(state.compress_dense_in_place(name, buf, divide=3))
+                if not direct[-1]:
+                    state.finish_dense(name, torch.float32)
+                sent.append(buf)
+        out[backend] = (sent, [state.memory[n].momentum.clone() for n in shapes], direct)
+    assert any(out["auto"][2]), "the direct path never ran"
+    assert out["auto"][2] == out["torch"][2]
+    for a, b in zip(out["auto"][0] + out["auto"][1], out["torch"][0] + out["torch"][1], strict=True):
+        assert same_bits(a, b)
