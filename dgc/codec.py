@@ -266,6 +266,8 @@ class Codec:
         partial = not whole and layout.dense_numel < buffer.numel()
         live = self.dense_positions(layout, buffer.device) if partial else None
         payload = buffer if live is None else buffer.index_select(0, live)
+        if not finite and payload.numel():
+            payload.view(-1)[0] = float("nan")  # the sentinel every receiver checks (see decode)
         return Send(layout=layout, buffer=buffer, finite=finite, payload=payload, live=live, direct=direct)
 
     def _encode_sparse(self, layout: BucketLayout, buffer: Tensor, finite: bool) -> Send:
@@ -345,12 +347,17 @@ class Codec:
         or the summed payload (dense).  Returns None, or who sent a non-finite gradient."""
         if send.sparse:
             return self._decode_sparse(send, received)
+        # A worker whose gradient was not finite put NaN into element 0 of its payload: the sum's element 0
+        # tells everyone, without a pass over the bucket (a sum that overflows elsewhere goes unnoticed).
+        flat = received.reshape(-1)
+        if self.state.config.check_finite and flat.numel() and not torch.isfinite(flat[0]):
+            return "a worker"
         buffer = send.buffer
         if send.live is not None:
             buffer.zero_().index_copy_(0, send.live, received)
         elif received.data_ptr() != buffer.data_ptr():
             buffer.copy_(received)
-        return None if self.state.finite(buffer) else "a worker"
+        return None
 
     def _decode_sparse(self, send: Send, gathered: Tensor) -> str | None:
         layout, buffer = send.layout, send.buffer

@@ -148,3 +148,26 @@ def test_tracked_payload_is_noted_undivided():
     noted = torch.cat([p.values.reshape(-1) for p in send.parts])
     torch.testing.assert_close(noted, _u(s), rtol=0, atol=0)
     torch.testing.assert_close(send.payload, _u(s) / N, rtol=0, atol=0)
+
+
+def test_a_non_finite_worker_fails_the_dense_step_for_everyone_and_loses_nothing():
+    """Its payload carries NaN in element 0 (the sentinel): every worker's decode sees it in the sum
+    without a pass over the bucket; the finite workers keep their undelivered payload in v, the
+    non-finite one's state is untouched."""
+    states = _states(momentum=0.9)
+    _step(states, _grads(0))  # five-pass; v cleared and known zero from here
+    u_before = [_u(s).clone() for s in states]
+    grads = _grads(1)
+    grads[1][5] = float("inf")  # worker 1 only, away from element 0
+    sends = [s.codec.encode(s.codec.layout(tuple(SHAPES), sparse=False), g.clone(), divide=N)
+             for s, g in zip(states, grads, strict=True)]
+    assert not sends[1].finite and torch.isnan(sends[1].payload[0])
+    total = sum(x.payload.clone() for x in sends)
+    for s, x in zip(states, sends, strict=True):
+        assert s.codec.decode(x, total.clone()) == "a worker"
+        x.undo(s)
+        s.end_step(failed=True)
+    assert torch.equal(_u(states[1]), u_before[1]) and not _v(states[1]).any()
+    for i in (0, 2):
+        assert torch.equal(_v(states[i]), _u(states[i]))  # the payload waits in v, nothing lost
+        assert not torch.equal(_u(states[i]), u_before[i])
