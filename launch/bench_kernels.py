@@ -12,6 +12,7 @@ clock x bus width``, from CuPy's device attributes).
     python launch/bench_kernels.py --hook                # + the DGC hook's codec per step (DDP, world 1)
     python launch/bench_kernels.py --device cuda         # GPU: CuPy kernels, twins on the GPU, baselines
     python launch/bench_kernels.py --quant               # + the quantizers' codec (int8, TernGrad, QSGD)
+    python launch/bench_kernels.py --only-dense          # the dense path's step, the triad, x.clone()
 
 Implementations: ``fused`` is the compiled CPU path (:mod:`dgc.kernels.cpu_fused`, what
 ``backend="auto"`` runs on a CPU), ``twin`` the pure-torch twins (:mod:`dgc.kernels.reference`,
@@ -19,7 +20,9 @@ Implementations: ``fused`` is the compiled CPU path (:mod:`dgc.kernels.cpu_fused
 
 Bytes counted (float32 tensor of n elements): triad 12n; ``x.clone()`` 8n (read + write);
 ``torch.topk(|x|)``, ``block_absmax`` and ``select_topk`` 4n (one read of x); ``compress_step`` 20n with
-momentum (read g, u, v; write u, v); the fused pass alone (GPU) the same 20n; ``scatter_unpack`` 4n (the
+momentum (read g, u, v; write u, v); the fused pass alone (GPU) the same 20n; ``dense_momentum`` (the
+dense path's step while v is zero: ``u <- g + 0.9 u``, ``g <- u / N``) 16n for both implementations,
+what one pass must move (read g, u; write u, g; the twin's two torch operations move 20n); ``scatter_unpack`` 4n (the
 dense output) plus the N*k pairs; the hook's codec (``--hook``: a DDP step with the DGC hook minus the
 same step with plain DDP, world size 1, one n-element parameter) 20n; the quantizers' codec
 (``--quant``, :mod:`dgc.quant` with the ``compress=int8|terngrad|qsgd`` defaults: a scale per 512
@@ -153,9 +156,19 @@ def build_cases(args: argparse.Namespace, device: torch.device) -> list[Case]:
         pair_bytes = world * k * (4 + val.element_size())
         add(f"scatter_unpack N={world}", name, 4 * n + pair_bytes,
             lambda mod=mod, idx=idx, val=val, out=out: mod.scatter_unpack(out, idx, val, world))  # fmt: skip
+        add_dense_case(cases, name, mod, grad, world)
         if name == "cupy":
             add("fused pass alone", name, (grad.element_size() + 16) * n, _fused_pass(mod, grad, u, v))
     return cases
+
+
+def add_dense_case(cases: list[Case], impl: str, mod, grad: torch.Tensor, divide: int) -> None:
+    """The dense path's step (``mod.dense_momentum``) on its own g and u, 16 bytes per element.  Each call
+    scales u by about ``0.9 + 1 / divide``, so values stay finite (and never subnormal) for hundreds of
+    rounds."""
+    g, u = grad.clone(), torch.randn(grad.numel(), generator=torch.Generator().manual_seed(3)).to(grad.device)
+    cases.append(Case("dense_momentum", impl, 16 * grad.numel(),
+                      lambda: mod.dense_momentum(g, u, 0.9, divide), []))  # fmt: skip
 
 
 def add_quant_cases(args: argparse.Namespace, cases: list[Case], device: torch.device) -> None:
@@ -289,6 +302,10 @@ def print_table(
             for impl in ("fused", "twin"):
                 if (kernel, impl) in by:
                     print(f"#   {kernel:24s} {impl:6s} {by[kernel, impl].of_triad:6.1%}  (>= {goal:.0%})")
+        if ("dense_momentum", "fused") in by:
+            fused, twin = by["dense_momentum", "fused"], by["dense_momentum", "twin"]
+            print(f"#   dense_momentum twin / fused = {twin.median_ms / fused.median_ms:.2f}x "
+                  f"(one pass moving 16n bytes against two moving 20n)")  # fmt: skip
     elif ("compress_step", "cupy") in by:
         twin, kern = by["compress_step", "twin"], by["compress_step", "cupy"]
         print(f"#   compress_step twin / kernel = {twin.median_ms / kern.median_ms:.1f}x  (>= 10)")
@@ -312,6 +329,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--quant", action="store_true", help="also time the quantizers' encode/decode")
     p.add_argument("--only-quant", action="store_true",
                    help="the triad, x.clone() and the quantizers only (implies --quant)")
+    p.add_argument("--only-dense", action="store_true",
+                   help="the triad, x.clone() and the dense path's dense_momentum only")
     p.add_argument("--json", default=None, help="also write the rows to this file")
     args = p.parse_args(argv)
     if args.threads:
@@ -320,6 +339,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     cases = build_cases(args, device)
     if args.only_quant:
         cases = cases[:2]  # the triad and x.clone(), the yardsticks
+    elif args.only_dense:
+        cases = cases[:2] + [c for c in cases if c.kernel == "dense_momentum"]
     if args.quant or args.only_quant:
         add_quant_cases(args, cases, device)
     if args.hook and device.type == "cpu":
