@@ -5,7 +5,7 @@ Installed as ``dgc.kernels``.  :func:`backend_for` picks the implementation for 
 the CuPy module for CUDA tensors when CuPy imports, the compiled CPU module (:mod:`.cpu_fused`) for CPU
 tensors when it builds, else :mod:`.reference` (the torch twins, also what ``"torch"`` asks for).  All
 expose the same functions with the same semantics (``select_topk``, ``compress_step``,
-``scatter_unpack``, ``block_absmax``); :mod:`.plain` holds the unfused steps 0-5, the test oracle.
+``scatter_unpack``, ``block_absmax``, ``dense_momentum``); :mod:`.plain` holds the unfused steps 0-5, the test oracle.
 """
 
 from __future__ import annotations
