@@ -476,3 +476,22 @@ def test_parity_rows_for_the_quantized_methods_compose(method: str) -> None:
         assert comm.config.value_dtype == "int8" and comm.config.density == 0.001
     else:
         assert isinstance(comm.quant_config, QuantConfig) and comm.quant_config.method == method
+
+
+def test_dense_hook_method_registers_pytorchs_python_allreduce_hook() -> None:
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    from dgc.bench.bandwidth.methods import MethodContext
+
+    comm = bandwidth.METHODS["dense-hook"].build(MethodContext(backend="gloo"))
+    registered = []
+
+    class FakeDDP:
+        module = torch.nn.Linear(3, 2)
+
+        def register_comm_hook(self, state, hook) -> None:
+            registered.append((state, hook))
+
+    comm.attach_ddp(FakeDDP(), None)
+    assert registered == [(None, default_hooks.allreduce_hook)]
+    assert comm.step_stats().bytes_sent == 4 * (3 * 2 + 2)  # every element, as dense

@@ -1,7 +1,9 @@
 """The methods the benchmark compares, each built from the class the training loop uses for it.
 
 ``dense`` is :class:`~dgc.training.communication.Allreduce` (DDP's own bucketed allreduce, what
-training without ``+compress`` runs); ``fp16`` and ``powersgd-r*`` are
+training without ``+compress`` runs); ``dense-hook`` the same allreduce from PyTorch's Python comm
+hook ``default_hooks.allreduce_hook`` (what any Python hook costs: the baseline of DGC's dense path);
+``fp16`` and ``powersgd-r*`` are
 :class:`~dgc.training.torch_hooks.FP16Compression` and
 :class:`~dgc.training.torch_hooks.PowerSGD` (PyTorch's hooks, ``compress=fp16`` /
 ``compress=powersgd``); ``topk``, ``dgc``, ``dgc-fp16`` and the policy/hierarchy variants
@@ -30,6 +32,7 @@ from dgc.training.dgc_communication import DGCCommunication
 from dgc.training.quant_communication import QuantCommunication
 from dgc.training.torch_hooks import FP16Compression, PowerSGD
 
+from .python_hook import PythonAllreduce
 from .quant_probe import ProbeCommunication
 
 __all__ = ["AUTO_INTERVAL", "METHODS", "QUANT_METHODS", "SWEEP_METHODS", "MethodContext", "MethodSpec",
@@ -136,6 +139,8 @@ METHODS: dict[str, MethodSpec] = {
     for m in (
         MethodSpec(name="dense", build=lambda ctx: Allreduce(),
                    description="fp32 allreduce (DDP's own, no hook: training without +compress)"),
+        MethodSpec(name="dense-hook", build=lambda ctx: PythonAllreduce(),
+                   description="fp32 allreduce from PyTorch's Python comm hook (default_hooks.allreduce_hook)"),
         MethodSpec(name="fp16", build=lambda ctx: FP16Compression(),
                    description="fp16 allreduce (compress=fp16: default_hooks.fp16_compress_hook)"),
         MethodSpec(name="powersgd-r1", build=_powersgd(1),

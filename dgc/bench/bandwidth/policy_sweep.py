@@ -8,9 +8,10 @@ tells ``hierarchy="node"`` where the nodes are; the worker checks it against the
 methods (step ``s`` of every method before step ``s + 1`` of any).  The runs, in this order:
 
 ==================================  ===========================================================
-``<model>-n2xP-unlimited``           dense, dgc-dense (DGC's dense path, what ``auto`` runs when it
-                                     goes dense), dgc, dgc-auto
-``<model>-n2xP-unlimited-density-0.25``  dense, dgc@0.25, dgc-auto@0.25
+``<model>-n2xP-unlimited``           dense, dense-hook (the same allreduce from a Python hook),
+                                     dgc-dense (DGC's dense path, what ``auto`` runs when it goes
+                                     dense), dgc, dgc-auto
+``<model>-n2xP-unlimited-density-0.25``  dense, dense-hook, dgc@0.25, dgc-auto@0.25
 ``<model>-n2xP-1gbit``               dense, dgc, dgc-auto, dgc-node
 ``<model>-n2xP-10gbit``              dense, dgc, dgc-auto, dgc-node (each ``--mid`` rate)
 ``<model>-nNxP-1gbit``               dgc, dgc-node, for each further node count (bytes vs nodes)
@@ -42,8 +43,8 @@ __all__ = ["PolicySweepOptions", "plan", "policy_sweep"]
 
 log = logging.getLogger("dgc.bench")
 
-UNLIMITED_METHODS = ("dense", "dgc-dense", "dgc", "dgc-auto")
-QUARTER_METHODS = ("dense", f"dgc@{WARMUP_DENSITY:g}", f"dgc-auto@{WARMUP_DENSITY:g}")
+UNLIMITED_METHODS = ("dense", "dense-hook", "dgc-dense", "dgc", "dgc-auto")
+QUARTER_METHODS = ("dense", "dense-hook", f"dgc@{WARMUP_DENSITY:g}", f"dgc-auto@{WARMUP_DENSITY:g}")
 """Density 0.25 in a cluster run of its own: its 29 MB messages take more memory than the 2-core
 VM has left with the other methods attached at once."""
 QUARTER_TAG = f"density-{WARMUP_DENSITY:g}"
