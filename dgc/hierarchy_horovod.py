@@ -74,13 +74,19 @@ def node_process_set(ranks: Sequence[int]) -> Any:
             found = hvd.ProcessSet(ranks)
             found.process_set_id = set_id
             return found
-    if os.environ.get("HOROVOD_DYNAMIC_PROCESS_SETS") == "1":
-        return hvd.add_process_set(ranks)
-    raise ValueError(
+    missing = ValueError(
         f"DGCConfig.hierarchy='node' under Horovod needs a process set per node, and none holds the ranks "
         f"{ranks}. Call hvd.init(process_sets='dynamic') (dgc then adds them), or register them at init: "
         "hvd.init(process_sets=[hvd.ProcessSet(node) for node in nodes]) with the nodes in global ranks."
     )
+    # The variable says what the process was started with; hvd.init(process_sets=[...]) after it (or a
+    # parent's leftover) turns dynamic sets off again, and Horovod's own error then names hvd.init().
+    if os.environ.get("HOROVOD_DYNAMIC_PROCESS_SETS") == "1":
+        try:
+            return hvd.add_process_set(ranks)
+        except ValueError as exc:
+            raise missing from exc
+    raise missing
 
 
 @dataclass(kw_only=True)

@@ -31,6 +31,7 @@ def launch(scenario: str, tmp_path: Path) -> dict:
     out = tmp_path / f"{scenario}.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DGC_TEST_PORT": str(_free_port()),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env.pop("HOROVOD_DYNAMIC_PROCESS_SETS", None)  # each scenario chooses its process sets itself
     cmd = [*_horovodrun(), "--gloo", "-np", "4", "-H", "localhost:4", sys.executable, str(WORKER), scenario, str(out)]
     try:
         proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT)
