@@ -68,7 +68,8 @@ def ddp_comm_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Fut
     group, n = state.process_group, state.world_size
     if send.sparse:
         received = state.codec.scratch(layout, buffer.device, "gathered", n * width, torch.uint8)
-        work = _all_gather(received, _padded(state, layout, send.message, width), group)
+        message = send.message if topo is None else topo.padded(state, send, width)
+        work = _all_gather(received, message, group)
     else:
         received = send.payload if topo is None else send.payload.div_(topo.n_nodes)  # flat: divided by N
         work = dist.all_reduce(received, group=group, async_op=True)
@@ -96,15 +97,6 @@ def ddp_comm_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Fut
         else:
             state.end_step()
     return fut
-
-
-def _padded(state: DGCState, layout, message: Tensor, width: int) -> Tensor:  # noqa: ANN001
-    """The message in ``width`` bytes (hierarchy="node": every share's message is padded to the largest)."""
-    if message.numel() == width:
-        return message
-    out = state.codec.scratch(layout, message.device, "padded", width, torch.uint8)
-    out[: message.numel()].copy_(message)
-    return out
 
 
 def _gather_objects(group: dist.ProcessGroup | None):  # noqa: ANN202
