@@ -107,6 +107,7 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
         """``hierarchy="node"`` (more than one process): the node buckets."""
         if config.hierarchy == "node" and self._dgc.world_size > 1 and self._process_set.included():
             topo = HorovodNodeTopology.build(self._dgc, self._process_set)
+            self._dgc.policy.topology = topo  # "auto" predicts with this rank's share, as under DDP
             trained = {id(p) for g in self.param_groups for p in g["params"] if p.requires_grad}
             self._nodes = NodeBuckets(topo, self._dgc, [(n, p) for n, p in named_parameters if id(p) in trained])
         self._names: dict[Tensor, str] = {p: n for n, p in named_parameters}
