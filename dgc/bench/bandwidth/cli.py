@@ -112,6 +112,9 @@ def parser() -> argparse.ArgumentParser:
     ps.add_argument("--slow", default="1gbit", help="the rate-limited link (default 1gbit)")
     ps.add_argument("--mid", default="10gbit",
                     help="further link rates for the first node count, comma list ('' for none; default 10gbit)")
+    ps.add_argument("--more-procs", default="4",
+                    help="further processes per node, flat vs node at the first node count and --slow "
+                         "(comma list, '' for none; default 4)")
     ps.add_argument("--loopback", action="store_true", help="no namespaces (torchrun --standalone)")
     ps.add_argument("--run-timeout", type=float, default=600, help="seconds per cluster run")
     ps.add_argument("--budget-s", type=float, default=1380,
@@ -197,6 +200,10 @@ def _policy_sweep(args: argparse.Namespace) -> int:
         nodes = tuple(int(x) for x in _split(args.nodes))
     except ValueError as e:
         raise ValueError(f"--nodes {args.nodes!r}: give node counts >= 2, e.g. 2,4") from e
+    try:
+        more = tuple(int(x) for x in _split(args.more_procs))
+    except ValueError as e:
+        raise ValueError(f"--more-procs {args.more_procs!r}: give processes-per-node counts, e.g. 4") from e
     return policy_sweep(PolicySweepOptions(
         out=Path(args.out),
         worker=_run_options(args),
@@ -204,6 +211,7 @@ def _policy_sweep(args: argparse.Namespace) -> int:
         nodes=nodes,
         slow=args.slow,
         mid=tuple(_split(args.mid)),
+        more_procs=more,
         budget_s=args.budget_s,
         run_timeout=args.run_timeout,
         check=args.check,

@@ -104,10 +104,14 @@ def policy_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _find(rows: list[dict[str, Any]], nodes: int, rate: str, method: str, tag: str = "") -> dict[str, Any] | None:
-    """The row of ``method`` in the run of ``nodes`` at ``rate`` with ``tag`` ("" = the main run)."""
+def _find(rows: list[dict[str, Any]], nodes: int, rate: str, method: str, tag: str = "",
+          procs: int | None = None) -> dict[str, Any] | None:
+    """The row of ``method`` in the run of ``nodes`` at ``rate`` with ``tag`` ("" = the main run) and
+    ``procs`` processes per node (None: the sweep's main count, the fewest)."""
+    if procs is None:
+        procs = min((r["procs_per_node"] for r in rows if r.get("procs_per_node")), default=None)
     return next((r for r in rows if r["nodes"] == nodes and r["rate"] == rate and r["method"] == method
-                 and (r.get("tag") or "") == tag), None)
+                 and (r.get("tag") or "") == tag and r.get("procs_per_node") == procs), None)
 
 
 def _goal(name: str, value: float | None, target: str, met: bool | None, detail: str) -> dict[str, Any]:
@@ -194,14 +198,31 @@ def _plots(rows: list[dict[str, Any]], out: Path) -> None:
     fig.savefig(out / "step_time_vs_prediction.png", dpi=80)
     plt.close(fig)
 
+    _bytes_plot(rows, out, plt)
+
+
+def bytes_series(rows: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """Inter-node MB per node per step against the number of nodes, per method and processes-per-node
+    count (label -> points), at the rate-limited rates, where the counters see only DGC's traffic."""
+    slow = [r for r in rows if r["tx_bytes"] and r["rate"] != "unlimited" and not r.get("tag")]
+    series: dict[str, list[tuple[int, float]]] = {}
+    for procs in sorted({r["procs_per_node"] for r in slow}):
+        for method, label in (("dgc", "flat DGC"), ("dgc-node", "hierarchy=node")):
+            first: dict[int, float] = {}
+            for r in slow:
+                if r["method"] == method and r["procs_per_node"] == procs:
+                    first.setdefault(r["nodes"], r["tx_bytes"] / 1e6)  # the first rate listed per node count
+            if first:
+                series[f"{label}, {procs} per node"] = sorted(first.items())
+    return series
+
+
+def _bytes_plot(rows: list[dict[str, Any]], out: Path, plt: Any) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for method, label in (("dgc", "flat DGC"), ("dgc-node", "hierarchy=node")):
-        pts = sorted((r["nodes"], r["tx_bytes"] / 1e6) for r in rows
-                     if r["method"] == method and r["tx_bytes"] and r["rate"] != "unlimited")
-        if pts:
-            ax.plot(*zip(*pts, strict=True), "o-", label=label)
+    for label, pts in bytes_series(rows).items():
+        ax.plot(*zip(*pts, strict=True), "s--" if label.startswith("hierarchy") else "o-", label=label)
     ax.set_xticks(sorted({r["nodes"] for r in rows}))
-    ax.set_xlabel("nodes (2 processes each)" if rows else "nodes")
+    ax.set_xlabel("nodes")
     ax.set_ylabel("inter-node MB per node per step (tx)")
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)

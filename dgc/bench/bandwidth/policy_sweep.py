@@ -15,6 +15,8 @@ methods (step ``s`` of every method before step ``s + 1`` of any).  The runs, in
 ``<model>-n2xP-1gbit``               dense, dgc, dgc-auto, dgc-node
 ``<model>-n2xP-10gbit``              dense, dgc, dgc-auto, dgc-node (each ``--mid`` rate)
 ``<model>-nNxP-1gbit``               dgc, dgc-node, for each further node count (bytes vs nodes)
+``<model>-n2xQ-1gbit``               dgc, dgc-node, for each ``--more-procs`` count Q (bytes and
+                                     step time vs processes per node)
 ==================================  ===========================================================
 
 The two unlimited runs also make the one-rank codec runs that the predictions use.
@@ -66,6 +68,9 @@ class PolicySweepOptions:
     """The rate-limited link."""
     mid: tuple[str, ...] = ("10gbit",)
     """Further link rates compared at the first node count, with the methods of ``slow``."""
+    more_procs: tuple[int, ...] = ()
+    """Further processes-per-node counts (the command line's default: 4): flat vs ``hierarchy="node"`` at the first node count and
+    ``slow`` (flat's inter-node bytes grow with the processes of a node, the hierarchy's do not)."""
     budget_s: float = 1380.0
     """Skip the remaining runs once the next one would end past this many seconds (0 = no limit)."""
     run_timeout: float = 600.0
@@ -80,6 +85,9 @@ def plan(opts: PolicySweepOptions) -> list[RunSpec]:
     if opts.procs_per_node < 2:
         raise ValueError(f"--procs-per-node {opts.procs_per_node}: hierarchy='node' needs >= 2 "
                          "processes per node to differ from flat DGC")
+    if any(q < 2 or q == opts.procs_per_node for q in opts.more_procs):
+        raise ValueError(f"--more-procs {opts.more_procs!r}: give processes-per-node counts >= 2 other "
+                         f"than --procs-per-node {opts.procs_per_node} (or '' for none)")
     w, p, first = opts.worker, opts.procs_per_node, opts.nodes[0]
     common = {"model": w.model, "compute": w.compute, "procs_per_node": p}
     runs = [
@@ -92,6 +100,8 @@ def plan(opts: PolicySweepOptions) -> list[RunSpec]:
     runs += [RunSpec(nodes=first, rate=r, local_steps=0, methods=SLOW_METHODS, **common) for r in opts.mid]
     runs += [RunSpec(nodes=n, rate=opts.slow, local_steps=0, methods=NODE_METHODS, **common)
              for n in opts.nodes[1:]]
+    runs += [RunSpec(nodes=first, rate=opts.slow, local_steps=0, methods=NODE_METHODS,
+                     **{**common, "procs_per_node": q}) for q in opts.more_procs]
     return runs
 
 
