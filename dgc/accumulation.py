@@ -77,6 +77,8 @@ class MicroBatches:
         repeat = any(self._seen.get(n) == self.window for n in names)
         for n in names:
             self._seen[n] = self.window
+        if not (repeat or self.window == 0 or self.accumulating or self._copies):
+            return  # nothing to replay or copy: skip the per-tensor views (the common step)
         parts = _slices(state, names, buffer)
         if repeat:
             self._replay(state, parts)
@@ -95,6 +97,8 @@ class MicroBatches:
 
     def after_decode(self, state: DGCState, names: tuple[str, ...], buffer: Tensor) -> None:
         """Called with the bucket's average (the hook's answer)."""
+        if not self._copies:
+            return
         for name, avg in _slices(state, names, buffer):
             copy = self._copies.get(name)
             if copy is not None:
