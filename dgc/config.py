@@ -135,6 +135,14 @@ class DGCConfig:
     Nodes come from torchrun's environment (``LOCAL_WORLD_SIZE``) or ``DGCState(..., node_groups=...)``.
     DDP hook only; see docs/policy.md."""
 
+    node_reduce: Literal["auto", "shm", "collective"] = "auto"
+    """With ``hierarchy="node"`` (DDP hook): how each share is summed onto its owner inside the node.
+    "shm": through a shared-memory segment of the node (``/dev/shm``; CPU tensors, every process of the
+    node on one host; an error otherwise).  "collective": one ``dist.reduce`` per share over the node's
+    process group (gloo over loopback on CPU, NCCL on GPUs).  "auto" (default): shared memory for CPU
+    buckets when the node's processes share a host and the segment fits in ``/dev/shm``, else the
+    collective; rank 0 logs the choice.  Both give the same sums (up to the order of the additions)."""
+
     def __post_init__(self) -> None:
         self._check_types()
         _check(0.0 < self.density <= 1.0, "density", self.density, "0 < density <= 1 (0.001 = 99.9% sparsity)")
@@ -171,6 +179,8 @@ class DGCConfig:
         _check(self.policy in ("sparse", "dense", "auto"), "policy", self.policy, "'sparse', 'dense' or 'auto'")
         _check(_is_int(self.policy_interval) and self.policy_interval >= 1, "policy_interval", self.policy_interval, "an integer >= 1")
         _check(self.hierarchy in ("flat", "node"), "hierarchy", self.hierarchy, "'flat' or 'node' (then pass node_groups or run under torchrun)")
+        _check(self.node_reduce in ("auto", "shm", "collective"), "node_reduce", self.node_reduce,
+               "'auto', 'shm' (shared memory, CPU tensors on one host) or 'collective' (dist.reduce)")
 
     def _check_types(self) -> None:
         """Numbers must be numbers and flags must be bools, so that ``density="0.1"`` or ``nesterov="yes"``

@@ -32,6 +32,7 @@ import dgc
         ("value_dtype", torch.float64),
         ("nonfinite", "ignore"),
         ("backend", "triton"),
+        ("node_reduce", "nccl"),
         ("density", "0.1"),  # a string from a config file
         ("density", True),  # a bool is not a number here
         ("density", float("nan")),

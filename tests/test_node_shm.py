@@ -1,0 +1,74 @@
+"""The shared-memory intra-node stage of hierarchy="node" (dgc/node_shm.py): 2 and 4 gloo processes on
+this host, one node."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from _dist import run_distributed
+from node_shm_workers import Ranges, hierarchy_counted, random_shares, reduce_random
+
+from dgc.node_shm import reduce_reference
+
+pytestmark = pytest.mark.timeout(180)
+
+# a few hundred elements, then growth past the first 64 KiB segment, a small call, growth again
+NUMELS = [300, 40_000, 7, 250_000, 1_000]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_owner_gets_the_node_average_of_its_share_and_the_rest_is_untouched(world: int, dtype: str) -> None:
+    results = run_distributed(reduce_random, world, dtype, NUMELS, timeout=120)
+    for r in results:
+        assert r["equal"] == [True] * len(NUMELS)
+        assert r["half_bytes"][0] < r["half_bytes"][-1]  # grew (a new segment)
+        assert len(r["paths"]) >= 2 and r["paths"] == results[0]["paths"]
+        assert r["left"] == []  # unlinked as soon as every process had mapped it
+    assert not any(os.path.exists(p) for p in results[0]["paths"])
+
+
+def test_reference_averages_the_owners_share_only() -> None:
+    shares = [Ranges((0, 6), (2, 1)), Ranges((3,), (2,))]  # positions 2 and 7 owned by nobody
+    buffers = [torch.arange(8.0), 10 * torch.arange(8.0)]
+    out = reduce_reference(shares, buffers, owner=1)
+    assert out.tolist() == [0, 10, 20, 16.5, 22, 50, 60, 70]
+    out = reduce_reference(shares, [b.bfloat16() for b in buffers], owner=0)
+    assert out.dtype == torch.bfloat16 and out.tolist() == [0, 5.5, 2, 3, 4, 5, 33, 7]
+
+
+def test_random_shares_are_disjoint_ranges() -> None:
+    gen = torch.Generator().manual_seed(0)
+    shares = random_shares(1000, 4, gen)
+    seen = torch.zeros(1000, dtype=torch.int32)
+    for s in shares:
+        for o, n in zip(s.offsets, s.numels, strict=True):
+            seen[o : o + n] += 1
+    assert int(seen.max()) == 1 and sum(len(s.offsets) for s in shares) > 4
+
+
+@pytest.mark.parametrize("node_reduce", ["shm", "collective"])
+def test_node_hierarchy_equals_flat_on_both_paths(node_reduce: str) -> None:
+    cfg = dict(density=1.0, momentum=0.0, min_compress_numel=16, dense_steps=1, node_reduce=node_reduce)
+    results = run_distributed(hierarchy_counted, 4, cfg, timeout=150)
+    for r in results:
+        assert (r["shm_calls"] > 0) == (node_reduce == "shm")
+        for n, p in r["flat"].items():
+            torch.testing.assert_close(r["node"][n], p, rtol=1e-5, atol=1e-6)
+        assert r["node_sparse"] == r["flat_sparse"] > 0
+    for r in results[1:]:
+        for n, p in results[0]["node"].items():
+            assert torch.equal(p, r["node"][n])
+
+
+def test_shm_forced_across_hosts_is_refused_and_auto_falls_back() -> None:
+    cfg = dict(density=1.0, momentum=0.0, min_compress_numel=16, dense_steps=1)
+    for r in run_distributed(hierarchy_counted, 4, dict(cfg, node_reduce="shm"), True, timeout=120):
+        assert "node_reduce='shm'" in r["error"] and "different hosts" in r["error"], r
+        assert "node_reduce='auto'" in r["error"]  # the fix
+    for r in run_distributed(hierarchy_counted, 4, dict(cfg, node_reduce="auto"), True, timeout=120):
+        assert r["shm_calls"] == 0
+        for n, p in r["flat"].items():
+            torch.testing.assert_close(r["node"][n], p, rtol=1e-5, atol=1e-6)
