@@ -160,7 +160,7 @@ class Codec:
         self, names: tuple[str, ...], sparse: bool, offsets: tuple[int, ...] | None, span: int | None
     ) -> BucketLayout:
         state = self.state
-        numels = tuple(state.memory[n].numel for n in names)
+        numels = tuple(state.memory_of(n).numel for n in names)
         if offsets is None:
             starts, total = [], 0
             for n in numels:
@@ -181,7 +181,7 @@ class Codec:
             wire_dtype=state.config.wire_dtype,
             index_blocks=index_blocks(state.config.index_format, span, sum(ks)),
             # pruned coordinates never travel, on the dense path either
-            dense_sizes=tuple(0 if k else state.memory[n].live for n, k in zip(names, ks, strict=True)),
+            dense_sizes=tuple(0 if k else state.memory_of(n).live for n, k in zip(names, ks, strict=True)),
         )
 
     def groups_at(self, density: float) -> list[tuple[str, ...]]:
@@ -194,7 +194,7 @@ class Codec:
         key = (layout, device)
         pos = self._dense_positions.get(key)
         if pos is None:
-            masks = tuple(self.state.memory[n].mask for n in layout.names)
+            masks = tuple(self.state.memory_of(n).mask for n in layout.names)
             pos = self._dense_positions[key] = layout.dense_positions(device, masks)
         return pos
 
@@ -296,7 +296,7 @@ class Codec:
                     size = layout.dense_size(i)  # a pruned tensor: its live entries only
                     self.state.compress_dense(name, g, out=mine.dense[dense : dense + size])
                     if layout.quantized:
-                        mine.scales[i] = dense_scale(self.state.memory[name])
+                        mine.scales[i] = dense_scale(self.state.memory_of(name))
                     dense += size
             pack_pairs(layout, mine, positions, values)
         else:  # the others ignore this message; keep its size so nothing else changes
@@ -305,6 +305,26 @@ class Codec:
                     positions=positions, values=sent)
 
     def _note_parts(self, send: Send) -> None:
+        self._note_tensor_parts(send)
+        send.parts = [self._as_parameter(part) for part in send.parts]
+
+    def _as_parameter(self, part: SentPart) -> SentPart:
+        """A piece's part as a part of its parameter (what the transport gives back is per parameter):
+        positions that, less ``offset``, are the parameter's elements."""
+        piece = self.state.piece_of(part.name)
+        if piece is None:
+            return part
+        if part.positions is not None:
+            return SentPart(name=piece.parent, positions=part.positions, offset=part.offset - piece.start,
+                            values=part.values)
+        mem = self.state.memory_of(part.name)  # a dense payload: all of the piece, or its live entries
+        if part.values.numel() == mem.numel:
+            local = torch.arange(mem.numel, device=part.values.device)
+        else:
+            local = torch.nonzero(mem.mask).reshape(-1).to(part.values.device)
+        return SentPart(name=piece.parent, positions=local.add_(piece.start), offset=0, values=part.values)
+
+    def _note_tensor_parts(self, send: Send) -> None:
         layout = send.layout
         if not send.sparse:  # the allreduce overwrites the payload: keep a copy
             kept = send.buffer.clone()

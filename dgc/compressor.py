@@ -55,7 +55,8 @@ __all__ = [
 
 @dataclass(kw_only=True, slots=True)
 class TensorMemory:
-    """Per-parameter internal state of one worker: DGC's momentum ``u`` and residual ``v`` (float32)."""
+    """Per-parameter internal state of one worker: DGC's momentum ``u`` and residual ``v`` (float32).
+    A piece of a parameter (:mod:`dgc.pieces`) has one too, whose tensors are views of the parameter's."""
 
     name: str
     shape: torch.Size
@@ -105,8 +106,12 @@ class CompressedTensor:
         return self.values.float() if self.scale is None else dequantize_int8(self.values, self.scale)
 
 
-def preprocess(grad: Tensor, param: Tensor | None, config: DGCConfig, world_size: int) -> Tensor:
-    """Step 0, in place on ``grad``: weight decay (needs ``param``), then local clipping."""
+def preprocess(
+    grad: Tensor, param: Tensor | None, config: DGCConfig, world_size: int, fraction: float = 1.0
+) -> Tensor:
+    """Step 0, in place on ``grad``: weight decay (needs ``param``), then local clipping.  ``fraction``:
+    ``grad`` is that share of a tensor's elements (a piece, see :mod:`dgc.pieces`), clipped to the
+    limit times ``sqrt(fraction)``, so that the pieces of a tensor together stay within its limit."""
     if config.weight_decay:
         if param is None:
             raise ValueError(
@@ -116,6 +121,8 @@ def preprocess(grad: Tensor, param: Tensor | None, config: DGCConfig, world_size
     if config.clip_norm is not None:
         # The paper clips each worker's gradient at the global threshold scaled by N^-1/2 (sec. 3.3).
         limit = config.clip_norm * world_size**-0.5
+        if fraction != 1.0:
+            limit *= fraction**0.5
         norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
         grad.mul_(torch.clamp(limit / (norm + 1e-6), max=1.0).to(grad.dtype))
     return grad

@@ -4,11 +4,17 @@ With N processes on ``n`` nodes of ``L`` processes each, flat DGC makes every pr
 messages, most of them over the slow inter-node links.  Here, per bucket (a DDP bucket, or a Horovod
 bucket of :mod:`dgc.hierarchy_horovod_steps`):
 
-    1. each local rank owns a share of the bucket's tensors (whole tensors, balanced by message bytes,
-       the same split on every node); each share is summed densely inside the node onto its owner (a
-       reduce per share, or one reduce-scatter: a reduce-scatter's bytes) and averaged;
+    1. each local rank owns a share of the bucket: one contiguous range of its elements, cut so that
+       the shares' messages are the same size (:mod:`dgc.hierarchy_shards`; a cut inside a tensor
+       splits it into pieces, :mod:`dgc.pieces`), the same cut on every node; each share is summed
+       densely inside the node onto its owner (a reduce per share, or one reduce-scatter: a
+       reduce-scatter's bytes) and averaged;
     2. each local rank runs DGC on its share only, against the same local rank of the other nodes: its
-       momentum and residual hold its share, the rest of its state stays zero;
+       momentum and residual hold its share, the rest of its state stays zero.  A piece is DGC'd on
+       its own: ``k = ceil(density * live elements of the piece)`` pairs chosen by a threshold sampled
+       from the piece, so a split tensor sends its top-k per piece (the pieces' ks add up to the
+       tensor's, give or take the rounding), not over the whole tensor: the one departure from
+       per-tensor top-k, which lets every local rank select without seeing the others' elements;
     3. one all-gather over all processes of the shares' messages (padded to the largest share): a rank
        receives, per node, L messages that together cover the bucket once, so the bytes it receives
        from other nodes are those of about ``n - 1`` whole messages instead of ``(n - 1) L``;
@@ -20,7 +26,7 @@ their residuals equals the node-averaged, momentum-corrected gradients.  Dense s
 the others zeros, and one allreduce sums the nodes.
 
 This module holds everything that does not depend on the transport: the nodes and their checks, the
-byte-balanced owners, the share layouts, the state migration, the encoding of this rank's share and the
+share layouts (from the byte-balanced cuts), the state migration, the encoding of this rank's share and the
 decoding of the gathered share messages.  The collectives (the reduce onto the owners inside the node,
 the all-gather, the migration's sum inside the node) are the transports' own:
 :class:`dgc.hierarchy_dist.TorchNodeTopology` (torch.distributed, the DDP hook) and
@@ -38,6 +44,7 @@ import torch
 from torch import Tensor
 
 from .codec import Send
+from .hierarchy_shards import cut_bucket, share_ranges
 from .wire import FLAG_NONFINITE, BucketLayout, MessageView, unpack_positions, wire_values
 
 if TYPE_CHECKING:
@@ -143,8 +150,11 @@ class NodeTopology:
     intra: Any = None
     """The transport's handle of this rank's node (a torch process group, a Horovod process set; None
     where nothing is communicated, e.g. a cost model's split)."""
-    owner_of: dict[str, int] = field(default_factory=dict)
-    """The local rank that holds each tensor's momentum and residual."""
+    owner_of: dict[str, tuple[tuple[int, int, int], ...]] = field(default_factory=dict)
+    """Per parameter, its element ranges and the local rank that holds each one's momentum and
+    residual: ``((start, stop, local rank), ...)`` (cleared: every parameter is placed again)."""
+    loads: int = 0
+    """``DGCState.loads`` when :attr:`owner_of` was last right (a load places everything again)."""
 
     @property
     def local_size(self) -> int:
@@ -171,65 +181,69 @@ class NodeTopology:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ shares
-    def owners(self, layout: BucketLayout) -> list[int]:
-        """The local rank that owns each tensor of the bucket: by the bytes it puts in a message
-        (pairs, or dense entries), largest first, to the least loaded share, so shares are even."""
-        pair = layout.index_bytes / max(1, layout.pairs) + layout.value_size
-        weight = [k * pair if k else layout.dense_size(i) * layout.value_size
-                  for i, k in enumerate(layout.ks)]
-        load = [0.0] * self.local_size
-        owner = [0] * len(layout.names)
-        for i in sorted(range(len(layout.names)), key=lambda i: (-weight[i], -layout.numels[i], i)):
-            j = min(range(self.local_size), key=lambda j: (load[j], j))
-            owner[i] = j
-            load[j] += weight[i]
-        return owner
-
     def plan(self, state: DGCState, layout: BucketLayout) -> list[BucketLayout]:
-        """Every local rank's share of the bucket as a layout with bucket positions (no collective)."""
-        owner = self.owners(layout)
+        """Every local rank's share of the bucket (contiguous element ranges, message-balanced, see
+        :mod:`dgc.hierarchy_shards`) as a layout with bucket positions; tensors cut by a share's
+        boundary appear as pieces (no collective)."""
+        cuts = cut_bucket(layout, self.local_size)
         span = sum(layout.numels)
         out = []
-        for j in range(self.local_size):
-            idx = [i for i in range(len(owner)) if owner[i] == j]
-            out.append(state.codec.layout(
-                tuple(layout.names[i] for i in idx), sparse=layout.compressed,
-                offsets=tuple(layout.offsets[i] for i in idx), span=span,
-            ))
+        for ranges in share_ranges(layout, cuts):
+            names = tuple(state.piece(layout.names[r.index], r.start, r.stop)
+                          if r.stop > r.start else layout.names[r.index] for r in ranges)
+            offsets = tuple(layout.offsets[r.index] + r.start for r in ranges)
+            out.append(state.codec.layout(names, sparse=layout.compressed, offsets=offsets, span=span))
         return out
 
     def shares(self, state: DGCState, layout: BucketLayout) -> list[BucketLayout]:
-        """:meth:`plan`, then :meth:`migrate` the state of tensors whose owner changed."""
+        """:meth:`plan`, then :meth:`migrate` the state of parameters whose ranges or owners changed."""
         shares = self.plan(state, layout)
         self.migrate(state, shares)
         return shares
 
-    def migrate(self, state: DGCState, shares: list[BucketLayout]) -> None:
-        """DDP rebuilds its buckets after the first step (and a resumed run starts from other buckets),
-        which can move a tensor to another local owner: the holder's momentum and residual move with it
-        (a sum inside the node, where the others hold zeros), so nothing is lost or left behind.  A
-        tensor seen for the first time is summed too: a resumed run's state may sit at another rank.
-        All moved tensors go in one sum (per dtype and device)."""
-        moved: dict[tuple[torch.dtype, torch.device], list[tuple[Tensor, bool]]] = {}
+    @staticmethod
+    def ranges_of(state: DGCState, shares: list[BucketLayout]) -> dict[str, tuple[tuple[int, int, int], ...]]:
+        """Per parameter of the shares, its ``(start, stop, local rank)`` ranges, ascending."""
+        out: dict[str, list[tuple[int, int, int]]] = {}
         for j, share in enumerate(shares):
             for name in share.names:
-                before = self.owner_of.get(name)
-                self.owner_of[name] = j
-                if before == j:
-                    continue
-                mem = state.memory[name]
-                for t in (mem.residual, mem.momentum):
-                    if t is not None:
-                        moved.setdefault((t.dtype, t.device), []).append((t, j == self.local_rank))
+                piece = state.piece_of(name)
+                if piece is None:
+                    out.setdefault(name, []).append((0, state.memory[name].numel, j))
+                else:
+                    out.setdefault(piece.parent, []).append((piece.start, piece.stop, j))
+        return {name: tuple(sorted(r)) for name, r in out.items()}
+
+    def migrate(self, state: DGCState, shares: list[BucketLayout]) -> None:
+        """DDP rebuilds its buckets after the first step, a resumed run may cut them differently, and
+        the cuts follow the message weights (density, policy): a parameter's ranges or their owners can
+        change.  Then its momentum and residual are summed inside the node (the non-owners of each
+        element hold zeros there, so the sum is exact) and each rank keeps the ranges it now owns,
+        zeros elsewhere: nothing is lost or left behind.  A parameter seen for the first time (or after
+        a load) is summed too: a resumed run's state may sit at other ranks.  All of them go in one
+        sum per dtype and device."""
+        if self.loads != state.loads:
+            self.owner_of.clear()
+            self.loads = state.loads
+        moved: dict[tuple[torch.dtype, torch.device], list[tuple[Tensor, list[tuple[int, int]]]]] = {}
+        for name, ranges in self.ranges_of(state, shares).items():
+            if self.owner_of.get(name) == ranges:
+                continue
+            self.owner_of[name] = ranges
+            mem = state.memory[name]
+            mine = [(a, b) for a, b, j in ranges if j == self.local_rank]
+            for t in (mem.residual, mem.momentum):
+                if t is not None:
+                    moved.setdefault((t.dtype, t.device), []).append((t, mine))
         for (dtype, device), tensors in moved.items():
             flat = torch.cat([t.reshape(-1) for t, _ in tensors])
             self._node_sum(flat, f"dgc.node.migrate.{str(dtype).removeprefix('torch.')}.{device.type}")
             start = 0
             for t, mine in tensors:
-                if mine:
-                    t.copy_(flat[start : start + t.numel()].view_as(t))
-                else:
-                    t.zero_()
+                summed = flat[start : start + t.numel()]
+                t.zero_()
+                for a, b in mine:
+                    t[a:b].copy_(summed[a:b])
                 start += t.numel()
 
     # ------------------------------------------------------------------ one bucket

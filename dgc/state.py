@@ -17,6 +17,7 @@ from .checkpoint_layout import STATE_META, checked_entries, layout_of
 from .codec import MAX_INDEX, Codec
 from .compressor import CompressedTensor, TensorMemory
 from .config import DGCConfig
+from .pieces import Piece, Pieces
 from .policy import Policy
 from .stats import CompressionStats
 
@@ -67,6 +68,12 @@ class DGCState:
         self.policy = Policy(config.policy, config.policy_interval)
         """Which groups go sparse (``DGCConfig.policy``; decisions and measurements of ``"auto"``)."""
         self.memory: dict[str, TensorMemory] = {}
+        self._pieces = Pieces()
+        """Element ranges of parameters that go through DGC on their own (``hierarchy="node"``'s
+        shares, see :mod:`dgc.pieces`); their memories are views of the parameters'."""
+        self.loads = 0
+        """How many times :meth:`load_state_dict` ran: a transport that placed the state by its own
+        rules (the node hierarchy's shares) places it again after a load."""
         self._pending = CompressionStats()
         self._params: dict[int, tuple[str, Tensor]] = {}
         self._by_name: dict[str, Tensor] = {}
@@ -169,6 +176,22 @@ class DGCState:
     def param_of(self, name: str) -> Tensor | None:
         return self._by_name.get(name)
 
+    # ------------------------------------------------------------------ pieces
+    def memory_of(self, name: str) -> TensorMemory:
+        """The memory of a parameter, or of a piece registered with :meth:`piece` (views of its
+        parameter's).  A parameter's own name always means the parameter."""
+        mem = self.memory.get(name)
+        return mem if mem is not None else self._pieces.memory(self.memory, name)
+
+    def piece(self, parent: str, start: int, stop: int) -> str:
+        """The name of elements ``start:stop`` of parameter ``parent`` (flattened) as a tensor of its
+        own for the codec: ``"parent[start:stop]"``, or ``parent`` itself for all of it."""
+        return self._pieces.add(self.memory, parent, start, stop)
+
+    def piece_of(self, name: str) -> Piece | None:
+        """The piece ``name`` names, or None for a parameter."""
+        return None if name in self.memory else self._pieces.get(name)
+
     # ------------------------------------------------------------------ masks
     def set_masks(self, masks: Mapping[str, Tensor | None]) -> None:
         """Register static pruning masks (True = live) by parameter name; None removes a mask.
@@ -204,12 +227,12 @@ class DGCState:
 
     def is_compressed(self, name: str) -> bool:
         """Whether tensor ``name`` goes sparse at the current step."""
-        mem = self.memory[name]
+        mem = self.memory_of(name)
         return mem.compressed and self.step >= self.config.dense_steps and mem.live > 0
 
     def k_for(self, name: str) -> int:
         """Pairs tensor ``name`` sends at the current step (0 = dense)."""
-        return self.memory[name].k_at(self.density) if self.is_compressed(name) else 0
+        return self.memory_of(name).k_at(self.density) if self.is_compressed(name) else 0
 
     def sample_offset(self) -> int:
         stride = max(1, round(1.0 / self.config.sample_ratio))
@@ -239,7 +262,8 @@ class DGCState:
         if k == 0:
             raise ValueError(f"tensor {name!r} goes dense at step {self.step}: use compress_dense()")
         mem = self._memory_on(name, grad.device)
-        compressor.preprocess(grad, self._param_for(name, param), self.config, self.world_size)
+        compressor.preprocess(grad, self._param_for(name, param), self.config, self.world_size,
+                              self._fraction(name))
         return compressor.compress(
             mem,
             grad,
@@ -257,7 +281,8 @@ class DGCState:
         """Momentum-corrected, accumulated payload of a dense-path tensor (``out`` may alias ``grad``;
         default: a new tensor of the wire dtype).  Call :meth:`finish_dense` once the collective is done."""
         mem = self._memory_on(name, grad.device)
-        compressor.preprocess(grad, self._param_for(name, param), self.config, self.world_size)
+        compressor.preprocess(grad, self._param_for(name, param), self.config, self.world_size,
+                              self._fraction(name))
         if out is None:
             out = torch.empty(mem.numel, dtype=self.config.wire_dtype, device=mem.residual.device)
         return compressor.compress_dense(mem, grad, self.config, out)
@@ -278,23 +303,23 @@ class DGCState:
 
     def undo_dense_direct(self, name: str) -> None:
         """A failed step: the payload of :meth:`compress_dense_in_place`'s direct path back into v."""
-        compressor.undo_direct(self.memory[name])
+        compressor.undo_direct(self.memory_of(name))
 
     def finish_dense(self, name: str, sent_dtype: torch.dtype, delivered: bool = True) -> None:
         """Second half of :meth:`compress_dense`: clear what was delivered from the residual."""
-        compressor.finish_dense(self.memory[name], sent_dtype, delivered)
+        compressor.finish_dense(self.memory_of(name), sent_dtype, delivered)
 
     def decompress(self, name: str, indices: Tensor, values: Tensor, world_size: int) -> Tensor:
         """Average of ``world_size`` workers' pairs for tensor ``name`` (concatenated by rank), float32
         with the parameter's shape."""
-        mem = self.memory[name]
+        mem = self.memory_of(name)
         out = torch.empty(mem.numel, dtype=torch.float32, device=mem.residual.device)
         self.kernels_for(out).scatter_unpack(out, indices, values, world_size)
         return out.view(mem.shape)
 
     def restore(self, name: str, indices: Tensor | None, sent: Tensor) -> None:
         """Put values that were packed but never delivered back into the residual (indices None: all)."""
-        mem = self.memory[name]
+        mem = self.memory_of(name)
         v = mem.residual
         if indices is None and sent.numel() == v.numel():
             v.add_(sent.reshape(-1).float())
@@ -350,19 +375,31 @@ class DGCState:
             self._pending.dense_buckets += 1
 
     def _memory_on(self, name: str, device: torch.device) -> TensorMemory:
-        """The tensor's memory, moved once to ``device`` if the model moved after the state was built."""
-        mem = self.memory[name]
+        """The tensor's memory, moved once to ``device`` if the model moved after the state was built
+        (a piece: its parameter's, then new views)."""
+        piece = self.piece_of(name)
+        mem = self.memory[name if piece is None else piece.parent]
         if mem.residual.device != device:
             mem.residual = mem.residual.to(device)
             mem.momentum = None if mem.momentum is None else mem.momentum.to(device)
             mem.mask = None if mem.mask is None else mem.mask.to(device)
             self.codec.invalidate()
-        return mem
+        return mem if piece is None else self.memory_of(name)
 
     def _param_for(self, name: str, param: Tensor | None) -> Tensor | None:
         if param is not None or not self.config.weight_decay:
             return param
-        return self.param_of(name)
+        piece = self.piece_of(name)
+        if piece is None:
+            return self.param_of(name)
+        whole = self.param_of(piece.parent)
+        return None if whole is None else whole.detach().reshape(-1)[piece.start : piece.stop]
+
+    def _fraction(self, name: str) -> float:
+        """The share of its parameter's elements that ``name`` holds (1: a parameter): local clipping
+        holds a piece to the parameter's limit times the square root of it."""
+        piece = self.piece_of(name)
+        return 1.0 if piece is None else piece.numel / self.memory[piece.parent].numel
 
     # ------------------------------------------------------------------ transports
     @property
@@ -407,6 +444,7 @@ class DGCState:
             mem.mask = None if mask is None else mask.reshape(-1).to(mem.residual.device).clone()
             mem.live = mem.numel if mem.mask is None else int(mem.mask.sum())
         self.step = int(state["step"])
+        self.loads += 1  # the transport places what was loaded again (see ``loads``)
         self.agreed = False  # compare with the other ranks again at the next step
         self.policy = Policy(self.config.policy, self.config.policy_interval)  # decide afresh
         self.codec.invalidate()
@@ -423,6 +461,8 @@ class DGCState:
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("_pieces", Pieces())  # pickled before pieces existed
+        state.setdefault("loads", 0)
         self.__dict__.update(state)
 
     def __repr__(self) -> str:

@@ -5,7 +5,8 @@ model's real gradient shapes (:mod:`dgc.bench.grad_shapes`) at a density, the pr
 dense allreduce, flat sparse DGC, ``policy="auto"``'s choice between them, and ``hierarchy="node"``,
 per GPU count and link rate (:func:`~.cost_model.predict_step`).  Message sizes are not estimated:
 they are the codec's own wire layouts (:class:`dgc.wire.BucketLayout`) of DDP-like buckets, and for
-the node hierarchy the padded share messages of :class:`dgc.hierarchy.NodeTopology`'s split.
+the node hierarchy the padded share messages of :class:`dgc.hierarchy.NodeTopology`'s split (element
+shards cut to balance the messages, :mod:`dgc.hierarchy_shards`).
 The codec and compute times are assumptions given on the command line (docs/policy.md states them).
 """
 
@@ -58,15 +59,7 @@ def traffic_of(model: str, density: float, procs_per_node: int, bucket_cap_mb: f
     for names in _buckets([(n, p.numel()) for n, p in params], int(bucket_cap_mb * 1024 * 1024)):
         layout = state.codec.layout(names, sparse=True)
         message += layout.message_bytes
-        owner = topo.owners(layout)
-        widths = [
-            state.codec.layout(
-                tuple(names[i] for i in idx), sparse=True,
-                offsets=tuple(layout.offsets[i] for i in idx), span=sum(layout.numels),
-            ).message_bytes
-            for idx in ([i for i in range(len(names)) if owner[i] == j] for j in range(procs_per_node))
-        ]
-        share += max(widths)
+        share += max(s.message_bytes for s in topo.plan(state, layout))
     return Traffic(dense=4 * sum(p.numel() for _, p in params), message=message, share=share)
 
 
