@@ -3,11 +3,31 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from ddp_workers import ToyModel
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dgc
+from dgc.hierarchy_dist import TorchNodeTopology
+
+NODES = [[0, 1], [2, 3]]
+
+
+class BigLinear(nn.Module):
+    """ToyModel's shape with a 512-wide hidden layer: weights of 5120 and 2560 elements, which the node
+    hierarchy splits between the two local ranks of a node (pieces of at least 1024 elements)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net1 = nn.Linear(10, 512)
+        self.net2 = nn.Linear(512, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net2(torch.relu(self.net1(x)))
+
+
+MODELS = {"toy": ToyModel, "big": BigLinear}
 
 
 def _data(rank: int, steps: int, micro: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -124,15 +144,20 @@ def auto_policy(rank: int, world: int, steps: int = 6) -> dict:
     return {"decisions": decisions, "kinds": kinds, "samples": len(state.policy.link.samples)}
 
 
-def hierarchy(rank: int, world: int, cfg: dict, steps: int = 4) -> dict:
+def _pieces(state: dgc.DGCState) -> list[str]:
+    """Pieces of split tensors in the layouts the codec made."""
+    return sorted({n for key in state.codec._layouts for n in key[0] if state.piece_of(n)})
+
+
+def hierarchy(rank: int, world: int, cfg: dict, steps: int = 4, model: str = "toy") -> dict:
     """The same training flat and with hierarchy="node" (2 simulated nodes of 2 ranks)."""
     out = {}
     for mode in ("flat", "node"):
         torch.manual_seed(0)
-        ddp = DDP(ToyModel(), bucket_cap_mb=0.001)
+        ddp = DDP(MODELS[model](), bucket_cap_mb=0.001)  # a bucket per tensor
         opt = dgc.DGCSGD(ddp.parameters(), lr=0.05)
         config = dgc.DGCConfig(**cfg, hierarchy=mode)
-        state = dgc.register(ddp, opt, config, node_groups=[[0, 1], [2, 3]] if mode == "node" else None)
+        state = dgc.register(ddp, opt, config, node_groups=NODES if mode == "node" else None)
         received = 0
         for (x, y), in _data(rank, steps, 1):
             opt.zero_grad()
@@ -142,7 +167,72 @@ def hierarchy(rank: int, world: int, cfg: dict, steps: int = 4) -> dict:
         out[mode] = {n: p.detach().clone() for n, p in ddp.module.named_parameters()}
         out[mode + "_received"] = received
         out[mode + "_sparse"] = state.stats.sparse_buckets
+        out[mode + "_pieces"] = _pieces(state)
     return out
+
+
+def _node_sums(state: dgc.DGCState, topo: TorchNodeTopology) -> dict[str, torch.Tensor]:
+    """Per parameter, u and v (concatenated) summed over this rank's node."""
+    out = {}
+    for name, mem in state.memory.items():
+        t = torch.cat([mem.momentum, mem.residual])
+        dist.all_reduce(t, group=topo.intra)
+        out[name] = t
+    return out
+
+
+def _foreign_state(state: dgc.DGCState, topo: TorchNodeTopology) -> float:
+    """The largest |u| or |v| this rank holds outside the ranges it owns (0: each element at its owner)."""
+    worst = 0.0
+    for name, ranges in topo.owner_of.items():
+        mem = state.memory[name]
+        for a, b, owner in ranges:
+            if owner != topo.local_rank:
+                worst = max(worst, mem.residual[a:b].abs().max().item(), mem.momentum[a:b].abs().max().item())
+    return worst
+
+
+def hierarchy_resume(rank: int, world: int, steps: int = 3) -> dict:
+    """hierarchy="node": train with a bucket per tensor, save; resume with one bucket (another cut):
+    the placement of the loaded state keeps u and v summed over each node exactly, each element at
+    its new owner only; then training goes on (the hook places the state by its own cut again)."""
+    cfg = dgc.DGCConfig(density=0.05, min_compress_numel=16, dense_steps=1, hierarchy="node")
+    torch.manual_seed(0)
+    ddp = DDP(BigLinear(), bucket_cap_mb=0.001)
+    opt = dgc.DGCSGD(ddp.parameters(), lr=0.05)
+    state = dgc.register(ddp, opt, cfg, node_groups=NODES)
+    batches = _data(rank, steps + 1, 1)
+    for (x, y), in batches[:steps]:
+        opt.zero_grad()
+        nn.functional.mse_loss(ddp(x), y).backward()
+        opt.step()
+    topo = TorchNodeTopology.build(state, NODES)
+    before = _node_sums(state, topo)
+    saved, cut_before = state.state_dict(), dict(state.transport.topology(state).owner_of)
+
+    ddp2 = DDP(BigLinear(), bucket_cap_mb=25)  # one bucket: cut elsewhere
+    ddp2.module.load_state_dict(ddp.module.state_dict())
+    opt2 = dgc.DGCSGD(ddp2.parameters(), lr=0.05)
+    state2 = dgc.register(ddp2, opt2, cfg, node_groups=NODES)
+    state2.load_state_dict(saved)
+    topo2 = TorchNodeTopology.build(state2, NODES)
+    bucket = tuple(reversed([n for n, _ in ddp2.module.named_parameters()]))
+    topo2.shares(state2, state2.codec.layout(bucket))
+    after = _node_sums(state2, topo2)
+    foreign = _foreign_state(state2, topo2)
+    (x, y), = batches[steps]
+    opt2.zero_grad()
+    nn.functional.mse_loss(ddp2(x), y).backward()
+    opt2.step()
+    return {
+        "exact": all(torch.equal(before[n], after[n]) for n in before),
+        "held": sum(t.abs().sum().item() for t in before.values()),
+        "cut_changed": cut_before != topo2.owner_of,
+        "foreign": foreign,
+        "foreign_after_step": _foreign_state(state2, state2.transport.topology(state2)),
+        "params": {n: p.detach().clone() for n, p in ddp2.module.named_parameters()},
+        "step": state2.step,
+    }
 
 
 def nan_propagate(rank: int, world: int, steps: int = 4, bad: int = 2) -> dict:

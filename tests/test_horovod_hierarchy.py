@@ -82,6 +82,7 @@ def test_node_equals_flat_horovod_dgc_and_receives_fewer_bytes(tmp_path: Path) -
         assert max(m["max_diff_per_step"]) <= 1e-5, (key, m)
         assert m["spread"] == 0.0, (key, m)  # every rank holds the same parameters
     assert r["density1"]["node_sparse_steps"] >= 3, r  # the all-gather path ran, not only dense steps
+    assert any(p.startswith("fc2.weight[") for p in r["density1"]["pieces"]), r  # a tensor was split
     assert r["dense_policy"]["node_sparse_steps"] == 0, r
     received = r["received"]
     assert received["node_sparse_steps"] >= 3, r
@@ -97,7 +98,8 @@ def test_invariant_per_share_checkpoint_layout_and_bad_nodes(tmp_path: Path) -> 
     assert r["sparse_steps"] >= 4, r
     assert r["residual_norm"] > 1e-3, r  # a real residual was carried
     assert r["max_rel_err"] <= 1e-5, r  # sent + owners' residuals == node-averaged corrected gradients
-    assert r["owners_ok"], r  # one local rank per node holds each tensor's momentum and residual
+    assert r["owners_ok"], r  # one local rank per node holds each element's momentum and residual
+    assert r["pieces"], r  # ... of tensors split between the local ranks
     assert "'node' layout" in r["checkpoint_error"] and "hierarchy='node'" in r["checkpoint_error"], r
     assert "same number of processes" in r["unequal_nodes"], r
     assert "exactly once" in r["rank_twice"], r

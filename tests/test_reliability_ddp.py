@@ -11,6 +11,7 @@ from reliability_workers import (
     accumulation_unknown_optimizer,
     auto_policy,
     hierarchy,
+    hierarchy_resume,
     mismatch,
     nan_on_one_rank,
     nan_propagate,
@@ -88,6 +89,27 @@ def test_node_hierarchy_equals_flat(cfg: dict) -> None:
     for r in results[1:]:
         for n, p in results[0]["node"].items():
             assert torch.equal(p, r["node"][n])
+
+
+def test_node_hierarchy_splits_a_big_tensor_and_equals_flat() -> None:
+    cfg = dict(density=1.0, momentum=0.0, min_compress_numel=16, dense_steps=1)
+    results = run_distributed(hierarchy, 4, cfg, 3, "big", timeout=150)
+    for r in results:
+        assert {"net1.weight[0:2560]", "net1.weight[2560:5120]"} <= set(r["node_pieces"]), r["node_pieces"]
+        for n, p in r["flat"].items():
+            torch.testing.assert_close(r["node"][n], p, rtol=1e-5, atol=1e-6)
+        assert r["node_sparse"] == r["flat_sparse"] > 0
+
+
+def test_node_hierarchy_resumes_across_another_cut_keeping_node_sums_exact() -> None:
+    results = run_distributed(hierarchy_resume, 4, timeout=150)
+    for r in results:
+        assert r["cut_changed"] and r["exact"] and r["held"] > 0, r
+        assert r["foreign"] == 0.0 and r["step"] == 4, r
+        assert r["foreign_after_step"] == 0.0, r
+    for r in results[1:]:
+        for n, p in results[0]["params"].items():
+            assert torch.equal(p, r["params"][n])
 
 
 def test_node_hierarchy_receives_fewer_bytes() -> None:

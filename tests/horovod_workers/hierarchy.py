@@ -59,8 +59,18 @@ def optimizer(model: nn.Module, cfg: dgc.DGCConfig, nodes: list[list[int]] | Non
     )
 
 
+def split_tensors(opt) -> list[str]:  # noqa: ANN001
+    """The pieces of the node buckets' shares (tensors cut between local ranks); [] for flat."""
+    nodes = getattr(opt, "_nodes", None)
+    if nodes is None:
+        return []
+    state = opt.dgc_state
+    return sorted({n for b in nodes.buckets for s in b.shares for n in s.names if state.piece_of(n)})
+
+
 def train(cfg: dgc.DGCConfig, steps: int) -> dict:
-    """Train the net for ``steps``; the parameters after every step, the bytes received, sparse steps."""
+    """Train the net for ``steps``; the parameters after every step, the bytes received, sparse steps,
+    the pieces of split tensors."""
     model = make_model()
     opt = optimizer(model, cfg)
     params, received, sparse = [], 0, 0
@@ -72,7 +82,7 @@ def train(cfg: dgc.DGCConfig, steps: int) -> dict:
         if opt.dgc_state.stats.sparse_buckets > 0:  # the dense steps reduce whole buckets either way
             received += opt.dgc_state.stats.bytes_received
             sparse += 1
-    return {"params": params, "received": received, "sparse_steps": sparse}
+    return {"params": params, "received": received, "sparse_steps": sparse, "pieces": split_tensors(opt)}
 
 
 def _spread(t: torch.Tensor) -> float:
@@ -104,6 +114,7 @@ def scenario_equal(steps: int = 5) -> dict:
             "node_sparse_steps": node["sparse_steps"],
             "flat_sparse_steps": flat["sparse_steps"],
             "spread": max(_spread(p) for p in node["params"][-1].values()),
+            "pieces": node["pieces"],
         }
     sparse = dict(density=0.01, momentum=0.9, dense_steps=1, min_compress_numel=128)
     flat = train(dgc.DGCConfig(**sparse, hierarchy="flat"), steps)
@@ -142,10 +153,11 @@ def _conservation(steps: int = 6) -> dict:
             mean_v = hvd.allreduce(v.clone(), op=hvd.Sum, name=f"v.{name}") / n_nodes
             err = (sum_sent[name] + mean_v - sum_x[name]).abs().max().item()
             max_rel_err = max(max_rel_err, err / (sum_x[name].abs().max().item() + 1e-6))
-            # One owner per node: at most one local rank of each node holds state for the tensor.
-            holds = float(bool(v.abs().sum() + state.memory[name].momentum.abs().sum() > 0))
-            per_rank = hvd.allgather(torch.tensor([holds]), name=f"holds.{name}").tolist()
-            owners_ok &= all(sum(per_rank[r] for r in g) <= 1 for g in NODES)
+            # One owner per element: at most one local rank of each node holds state for each element
+            # (a split tensor's pieces sit at different local ranks).
+            holds = ((v.reshape(-1) != 0) | (state.memory[name].momentum != 0)).float().reshape(1, -1)
+            per_rank = hvd.allgather(holds, name=f"holds.{name}")
+            owners_ok &= all(bool(per_rank[g].sum(dim=0).le(1).all()) for g in NODES)
         with opt.skip_synchronize():
             opt.step()
     return {
@@ -154,6 +166,7 @@ def _conservation(steps: int = 6) -> dict:
         "sparse_steps": sparse,
         "residual_norm": max_over_ranks(sum(m.residual.norm().item() for m in state.memory.values())),
         "checkpoint_error": _checkpoint_error(opt),
+        "pieces": split_tensors(opt),
     }
 
 
