@@ -108,8 +108,9 @@ class HorovodNodeTopology(NodeTopology):
 
     # ------------------------------------------------------------------ step 1, asynchronous
     def launch_reduce(self, shares: list[BucketLayout], buffer: Tensor, name: str) -> int:
-        """Start step 1: row j of a (local size) x (largest share) matrix holds share j, zero-padded; a
-        reduce-scatter (average) inside the node hands each local rank its row.  Returns the handle."""
+        """Start step 1: row j of a (local size) x (largest share's elements) matrix holds share j (a
+        contiguous range of the bucket), zero-padded; a reduce-scatter (average) inside the node hands
+        each local rank its row.  Returns the handle."""
         width = max(sum(s.numels) for s in shares)
         rows = torch.zeros(self.local_size, width, dtype=buffer.dtype, device=buffer.device)
         for j, share in enumerate(shares):

@@ -1,12 +1,15 @@
 """``hierarchy="node"`` in the Horovod optimizer: the step of :mod:`dgc.hierarchy` per bucket.
 
-Horovod has no buckets of its own, and a one-tensor group cannot be split into shares, so the optimizer's
-parameters are put in fixed buckets as DDP would (reverse parameter order, one open bucket per dtype,
-closed at :data:`BUCKET_CAP_BYTES`), the same on every rank.  Per step:
+Horovod has no buckets of its own, so the optimizer's parameters are put in fixed buckets as DDP would
+(reverse parameter order, one open bucket per dtype, closed at :data:`BUCKET_CAP_BYTES`), the same on
+every rank: a bucket's reduce starts as soon as its last gradient is ready, while the backward pass goes
+on.  Each bucket is cut into contiguous element shares, one per local rank (:mod:`dgc.hierarchy_shards`;
+a cut inside a tensor splits it into pieces).  Per step:
 
     hook         (the gradient hook of a bucket's last parameter) the bucket's gradients are concatenated
-                 and the reduce-scatter onto the share owners inside the node is launched, overlapping
-                 the rest of the backward pass;
+                 and the reduce-scatter onto the share owners inside the node is launched (the shares as
+                 rows, padded to the largest share's elements), overlapping the rest of the backward
+                 pass;
     synchronize  per bucket, in bucket order: the migration of moved state (first step, or after a
                  load), the wait for the reduce, this rank's share through the codec, and the all-gather
                  of the padded share messages (or the dense sum) is launched; the optimizer then waits

@@ -171,8 +171,10 @@ class Policy:
 
     def _sparse_terms(self, state: DGCState, names: tuple[str, ...], layout) -> tuple[int, float]:  # noqa: ANN001
         """Bytes of the message each worker sends for the group, and its codec seconds: the whole
-        group's (flat), or, ``hierarchy="node"``, this rank's share's, padded to the largest share
-        (the dense intra-node reduce costs the same either way, so it leaves the choice alone)."""
+        group's (flat), or, ``hierarchy="node"``, the largest share's (every share is padded to it;
+        element shards cut to balance the messages, :mod:`dgc.hierarchy_shards`), with the codec time of
+        this rank's share (the dense intra-node reduce costs the same either way, so it leaves the
+        choice alone)."""
         if self.topology is None:
             return layout.message_bytes, self._codec_cost(state, names, layout)
         shares = self.topology.plan(state, layout)

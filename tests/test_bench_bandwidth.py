@@ -329,7 +329,9 @@ def test_scaling_table_traffic_and_predictions(capsys: pytest.CaptureFixture[str
         expected += _message_bytes(numels, ks)
     assert tr.message == expected
     assert 360_000 < tr.message < 380_000  # the measured payload of the bandwidth sweep: 371,272
-    assert tr.message / 8 < tr.share < tr.message  # padded shares: more than an eighth each
+    # padded shares: an eighth of the message each, plus the constants of a message (its header and
+    # the bucket's block16 counts); whole-tensor shares gave 0.175 M
+    assert tr.message / 8 < tr.share < 0.13 * tr.message
 
     rows = scaling.table(tr, codec_s=0.005, compute_s=0.1, latency_s=1e-5, intra_gbit=1200)
     assert len(rows) == 12 and {r.gpus for r in rows} == set(scaling.GPUS)

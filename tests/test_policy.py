@@ -78,7 +78,7 @@ def test_node_hierarchy_predicts_with_the_widest_share():
     shares = state.policy.topology.plan(state, layout)
     node_bytes, _ = state.policy._sparse_terms(state, NAMES, layout)
     assert node_bytes == max(s.message_bytes for s in shares)
-    assert node_bytes < 0.6 * flat_bytes  # four equal tensors: two per share
+    assert node_bytes <= 0.5 * flat_bytes + 16  # half the pairs each (a message's constants aside)
 
 
 def test_node_hierarchy_can_turn_a_dense_choice_sparse():
