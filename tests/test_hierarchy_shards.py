@@ -281,3 +281,39 @@ def test_a_load_places_the_state_again() -> None:
     topo._node_sum = lambda t, name: calls.append(name)  # type: ignore[method-assign]
     topo.shares(state, state.codec.layout(names, sparse=True))
     assert calls and topo.loads == 1
+
+
+def test_pieces_survive_pickling_as_views_of_the_unpickled_parent() -> None:
+    import pickle
+
+    state = _state(_OneLinear())
+    name = state.piece("fc.weight", 2000, 6000)
+    state.memory_of(name).residual.fill_(1.0)
+    copy = pickle.loads(pickle.dumps(state))
+    mem, parent = copy.memory_of(name), copy.memory["fc.weight"]
+    assert mem.residual.data_ptr() == parent.residual.data_ptr() + 4 * 2000
+    assert parent.residual.sum() == 4000
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_what_a_piece_sent_is_noted_as_its_parameter_elements(sparse: bool) -> None:
+    # the DDP session gives back per parameter what reached no parameter: a piece's pairs must map
+    # back to the parameter's own elements (the piece sits at bucket position 1000, element 2000)
+    state = _state(_OneLinear())
+    name = state.piece("fc.weight", 2000, 6000)
+    layout = state.codec.layout((name,), sparse=sparse, offsets=(1000,), span=60_000)
+    buffer = torch.zeros(60_000)
+    buffer[1000:5000] = torch.linspace(-1, 1, 4000)
+    send = state.codec.encode(layout, buffer, track=True, whole=not sparse)
+    part, = send.parts
+    assert part.name == "fc.weight"
+    idx = part.positions.long() - part.offset
+    assert idx.min() >= 2000 and idx.max() < 6000
+    before = state.memory["fc.weight"].residual.clone()
+    state.restore(part.name, idx, part.values)
+    after = state.memory["fc.weight"].residual
+    assert torch.equal((after - before)[idx], part.values.float())
+    if sparse:  # 40 pairs, the largest |g| among them: the piece's two ends
+        assert idx.numel() == 40 and {2000, 5999} <= set(idx.tolist())
+    else:  # the whole piece, element by element
+        assert torch.equal(idx, torch.arange(2000, 6000))
