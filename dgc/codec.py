@@ -173,13 +173,17 @@ class Codec:
                 "Use a smaller DDP bucket_cap_mb."
             )
         ks = tuple(state.k_for(n) if sparse else 0 for n in names)
+        # a share of a bucket indexes its own range only: [its first position, its last end)
+        base = min(offsets, default=0)
+        end = max((o + n for o, n in zip(offsets, numels, strict=True)), default=0)
         return BucketLayout(
             names=names,
             offsets=offsets,
             numels=numels,
             ks=ks,
             wire_dtype=state.config.wire_dtype,
-            index_blocks=index_blocks(state.config.index_format, span, sum(ks)),
+            index_blocks=index_blocks(state.config.index_format, end - base, sum(ks)),
+            index_base=base,
             # pruned coordinates never travel, on the dense path either
             dense_sizes=tuple(0 if k else state.memory_of(n).live for n, k in zip(names, ks, strict=True)),
         )

@@ -117,6 +117,11 @@ class BucketLayout:
     index_blocks: int = 0
     """0: int32 positions; > 0: the block16 format with this many blocks; :data:`BITMAP`: a bitmap
     (see the module docstring)."""
+    index_base: int = 0
+    """The first position a block16 or bitmap index addresses: positions travel as ``position -
+    index_base``, so a share of a larger bucket (``hierarchy="node"``: a contiguous range starting here)
+    pays for the blocks or bits of its own range only.  0 for a whole bucket.  Not on the wire: sender and
+    receivers derive it from the same layout.  int32 positions stay absolute."""
     dense_sizes: tuple[int, ...] = ()
     """Elements each tensor puts in the message's dense region: 0 for a sparse tensor, else its live
     count (a pruned tensor sends only its unpruned entries; see :meth:`dense_positions`).  Empty: every
@@ -137,7 +142,7 @@ class BucketLayout:
     def index_bytes(self) -> int:
         """Bytes the positions of the K pairs take in a message (counts and padding included)."""
         if self.index_blocks == BITMAP:
-            return _bitmap_bytes(self.bucket_numel)
+            return _bitmap_bytes(self.bucket_numel - self.index_base)
         if self.index_blocks:
             return 4 * self.index_blocks + _round_up(2 * self.pairs, 4)
         return 4 * self.pairs
@@ -264,7 +269,7 @@ def pack_pairs(layout: BucketLayout, view: MessageView, positions: Tensor, value
         return
     pos, order = positions.sort(stable=True)
     torch.index_select(values, 0, order, out=view.values)
-    pos = pos.long()
+    pos = pos.long() - layout.index_base if layout.index_base else pos.long()
     if layout.index_blocks == BITMAP:
         bits = torch.zeros(8 * view.indices.numel(), dtype=torch.uint8, device=pos.device)
         bits[pos] = 1
@@ -289,13 +294,13 @@ def unpack_positions(layout: BucketLayout, view: MessageView, world_size: int) -
         bits = (view.indices.reshape(world_size, -1, 1) >> shifts) & 1
         # Exactly K bits per message: a fixed output size, so no device synchronization.
         where = torch.nonzero_static(bits.reshape(world_size, -1), size=world_size * k)
-        return where[:, 1].to(torch.int32).reshape(world_size, k)
+        return (where[:, 1] + layout.index_base).to(torch.int32).reshape(world_size, k)
     b = layout.index_blocks
     counts = view.counts.reshape(world_size * b).long()
     blocks = torch.arange(b, device=counts.device).repeat(world_size)
     high = torch.repeat_interleave(blocks, counts, output_size=world_size * k) << 16
     low = view.indices.reshape(-1).long() & (BLOCK - 1)
-    return (high | low).to(torch.int32).reshape(world_size, k)
+    return ((high | low) + layout.index_base).to(torch.int32).reshape(world_size, k)
 
 
 # ---------------------------------------------------------------------------------- int8 values

@@ -108,3 +108,36 @@ def test_config_rejects_unknown_index_format() -> None:
     with pytest.raises(ValueError, match="index_format"):
         DGCConfig(index_format="int16")
     assert DGCConfig().index_format == "auto"
+
+
+@pytest.mark.parametrize("fmt", ["block16", "bitmap"])
+def test_a_share_indexes_its_own_range_only(fmt: str) -> None:
+    """A share (``hierarchy="node"``) starting deep in its bucket: positions travel relative to
+    ``index_base``, come back absolute, and the index is the size of the share's range, not the bucket's."""
+    base, numels = 3 * BLOCK + 123, [BLOCK + 7, 2 * BLOCK]
+    offsets = (base, base + numels[0])
+    ks = [300, 500]
+    end = base + sum(numels)
+
+    def share(index_base: int) -> BucketLayout:
+        return BucketLayout(names=("a", "b"), offsets=offsets, numels=tuple(numels), ks=tuple(ks),
+                            wire_dtype=torch.float32, index_base=index_base,
+                            index_blocks=index_blocks(fmt, end - index_base, sum(ks)))
+
+    layout, whole = share(base), share(0)
+    saved = whole.index_bytes - layout.index_bytes
+    def bitmap(n: int) -> int:  # bytes of n bits, padded to 4
+        return (-(-n // 8) + 3) // 4 * 4
+
+    assert saved == (4 * 3 if fmt == "block16" else bitmap(end) - bitmap(end - base))  # 7 -> 4 blocks
+    gen = torch.Generator().manual_seed(0)
+    pos = torch.cat([torch.randperm(n, generator=gen)[:k] + o for n, k, o in zip(numels, ks, offsets, strict=True)])
+    pos = pos.to(torch.int32)
+    # the first and last element of the share travel too
+    pos[0], pos[-1] = base, end - 1
+    val = torch.randn(pos.numel(), generator=gen)
+    view = MessageView.of(_messages(layout, [(pos, val)]), layout, 1)
+    got = unpack_positions(layout, view, 1)[0]
+    assert got.tolist() == sorted(pos.tolist())
+    assert dict(zip(got.tolist(), view.values[0].tolist(), strict=True)) == dict(
+        zip(pos.tolist(), val.tolist(), strict=True))
