@@ -9,7 +9,8 @@
 // hi == n); the Python side splits a tensor into one range per thread and calls these without the GIL.
 // Blocks of DGC_BLOCK consecutive elements are the unit of the block maxima (docs/kernels.md).
 // dgc_cpu_dense_momentum is the dense path's pass (dgc/compressor.py compress_dense_direct): the two
-// torch operations of reference.dense_momentum in one read of g, u and one write of u, g.
+// torch operations of reference.dense_momentum in one read of g, u and one write of u, g;
+// dgc_cpu_dense_momentum_many runs it over a list of tensors (a whole bucket) in one call.
 
 #include <cmath>
 #include <cstdint>
@@ -321,6 +322,17 @@ int dgc_cpu_dense_momentum(float* g, float* u, int64_t lo, int64_t hi, float m, 
                                                                                              divide);
   } else {
     return -1;
+  }
+  return 0;
+}
+
+// The dense path of a whole group in one call: dgc_cpu_dense_momentum over [lo[j], hi[j]) of the
+// tensors g[j], u[j] for j < count (the same bits as one call per tensor; no Python between tensors).
+int dgc_cpu_dense_momentum_many(float* const* g, float* const* u, const int64_t* lo, const int64_t* hi,
+                                int64_t count, float m, int mode, float divide) {
+  for (int64_t j = 0; j < count; ++j) {
+    const int rc = dgc_cpu_dense_momentum(g[j], u[j], lo[j], hi[j], m, mode, divide);
+    if (rc) return rc;
   }
   return 0;
 }

@@ -24,11 +24,14 @@ float64 ``x`` in a bare selection) goes to the twins.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import functools
+import itertools
 import logging
 import os
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +55,7 @@ __all__ = [
     "candidates_above",
     "compress_step",
     "dense_momentum",
+    "dense_momentum_many",
     "exact_threshold",
     "is_available",
     "sampled_threshold",
@@ -99,6 +103,9 @@ def _load(path: Path) -> ctypes.CDLL:
     dll.dgc_cpu_blocks_above.argtypes = [_ptr, _i64, ctypes.c_float]
     dll.dgc_cpu_dense_momentum.restype = ctypes.c_int
     dll.dgc_cpu_dense_momentum.argtypes = [_ptr, _ptr, _i64, _i64, ctypes.c_float, ctypes.c_int, ctypes.c_float]
+    dll.dgc_cpu_dense_momentum_many.restype = ctypes.c_int
+    dll.dgc_cpu_dense_momentum_many.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, ctypes.c_float, ctypes.c_int,
+                                                ctypes.c_float]  # fmt: skip
     return dll
 
 
@@ -390,3 +397,38 @@ def dense_momentum(g: Tensor, u: Tensor, momentum: float, divide: float) -> None
         _dense(lib, gf, uf, momentum, divide, lo, hi)
 
     reference._over_chunks(gf.numel(), run, g.device)
+
+
+def dense_momentum_many(gs: Sequence[Tensor], us: Sequence[Tensor], momentum: float, divide: float) -> None:
+    """:func:`dense_momentum` over pairs ``gs[j]``, ``us[j]`` (e.g. every tensor of a bucket) in one compiled
+    call per thread instead of one Python call per tensor, with the same bits; the threads split the
+    tensors' concatenation.  Pairs that do not fit (not contiguous float32 CPU tensors of one size) send
+    the whole group to the twin."""
+    if len(gs) != len(us):
+        raise ValueError(f"dense_momentum_many: {len(gs)} gradients but {len(us)} momentum tensors")
+    fits = all(g.dtype == torch.float32 == u.dtype and g.is_contiguous() and u.is_contiguous()
+               and g.numel() == u.numel() for g, u in zip(gs, us, strict=True))
+    lib = _fast(*gs, *us) if gs else None
+    if lib is None or not fits:
+        reference.dense_momentum_many(gs, us, momentum, divide)
+        return
+    starts = list(itertools.accumulate((g.numel() for g in gs), initial=0))
+    g_ptr, u_ptr = [g.data_ptr() for g in gs], [u.data_ptr() for u in us]
+
+    def run(lo: int, hi: int) -> None:
+        jobs, j = [], bisect.bisect_right(starts, lo) - 1
+        while lo < hi:
+            end = min(hi, starts[j + 1])
+            if end > lo:
+                jobs.append((j, lo - starts[j], end - starts[j]))
+            lo, j = end, j + 1
+        k = len(jobs)
+        rc = lib.dll.dgc_cpu_dense_momentum_many(
+            (ctypes.c_void_p * k)(*(g_ptr[j] for j, _, _ in jobs)), (ctypes.c_void_p * k)(*(u_ptr[j] for j, _, _ in jobs)),
+            (ctypes.c_int64 * k)(*(a for _, a, _ in jobs)), (ctypes.c_int64 * k)(*(b for _, _, b in jobs)), k,
+            momentum, lib.momentum_mode, divide,
+        )  # fmt: skip
+        if rc:
+            raise RuntimeError(f"dgc_cpu_dense_momentum_many: unknown momentum mode {lib.momentum_mode}")
+
+    reference._over_chunks(starts[-1], run, gs[0].device)

@@ -30,7 +30,7 @@ import contextlib
 import functools
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +57,7 @@ __all__ = [
     "candidates_above",
     "compress_step",
     "dense_momentum",
+    "dense_momentum_many",
     "exact_threshold",
     "is_available",
     "kernel_source",
@@ -494,3 +495,9 @@ def dense_momentum(g: Tensor, u: Tensor, momentum: float, divide: float) -> None
     a Python number multiplies by its reciprocal, so one kernel would have to reproduce both to keep the
     twin's bits, and that can only be checked on a GPU.  The two passes give those bits by construction."""
     reference.dense_momentum(g, u, momentum, divide)
+
+
+def dense_momentum_many(gs: Sequence[Tensor], us: Sequence[Tensor], momentum: float, divide: float) -> None:
+    """:func:`reference.dense_momentum_many` on the GPU (two torch operations per tensor, see
+    :func:`dense_momentum`)."""
+    reference.dense_momentum_many(gs, us, momentum, divide)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -54,6 +54,7 @@ __all__ = [
     "check_state",
     "compress_step",
     "dense_momentum",
+    "dense_momentum_many",
     "exact_threshold",
     "largest",
     "pack",
@@ -512,6 +513,14 @@ def dense_momentum(g: Tensor, u: Tensor, momentum: float, divide: float) -> None
         g.copy_(u)
     else:
         torch.div(u, divide, out=g)
+
+
+def dense_momentum_many(gs: Sequence[Tensor], us: Sequence[Tensor], momentum: float, divide: float) -> None:
+    """:func:`dense_momentum` for every pair ``gs[j]``, ``us[j]`` (a bucket's tensors), in order."""
+    if len(gs) != len(us):
+        raise ValueError(f"dense_momentum_many: {len(gs)} gradients but {len(us)} momentum tensors")
+    for g, u in zip(gs, us, strict=True):
+        dense_momentum(g, u, momentum, divide)
 
 
 def check_k(k: int, n: int) -> None:

@@ -412,6 +412,10 @@ def test_every_backend_offers_dense_momentum():
     for module in modules:
         got = dense_run(module, g, u, 0.9, 4)
         assert same_bits(got[0], want[0]) and same_bits(got[1], want[1]), module.__name__
+        halves_g, halves_u = g.clone(), u.clone()
+        module.dense_momentum_many([halves_g[:30_000], halves_g[30_000:]], [halves_u[:30_000], halves_u[30_000:]],
+                                   0.9, 4)
+        assert same_bits(halves_g, want[0]) and same_bits(halves_u, want[1]), module.__name__
 
 
 def test_dense_momentum_other_inputs_go_to_the_twin():
@@ -454,3 +458,44 @@ def test_dense_direct_path_same_bits_on_both_backends():
     assert out["auto"][2] == out["torch"][2]
     for a, b in zip(out["auto"][0] + out["auto"][1], out["torch"][0] + out["torch"][1], strict=True):
         assert same_bits(a, b)
+
+
+@pytest.mark.parametrize("divide", [1, 4])
+def test_dense_momentum_many_equals_one_call_per_tensor(divide):
+    """A bucket's tensors in one compiled call (views of one buffer, empty and tiny tensors among them,
+    the threads' split falling inside tensors): every tensor's bits as :func:`dense_momentum` gives them."""
+    sizes = [0, 1, 7, 300_001, 0, 64, 10**6 + 3, 5]
+    g_all, _ = dense_inputs(sum(sizes), seed=11)
+    us = [dense_inputs(n, seed=20 + i)[1] for i, n in enumerate(sizes)]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    want_g = g_all.clone()
+    want_u = [u.clone() for u in us]
+    for o, n, u in zip(offsets, sizes, want_u, strict=True):
+        reference.dense_momentum(want_g[o : o + n], u, 0.9, divide)
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            for impl in (cpu_fused, reference):
+                g = g_all.clone()
+                got_u = [u.clone() for u in us]
+                impl.dense_momentum_many([g[o : o + n] for o, n in zip(offsets, sizes, strict=True)], got_u, 0.9, divide)
+                assert same_bits(g, want_g), f"{impl.__name__}: g differs ({t} threads)"
+                for i, (a, b) in enumerate(zip(got_u, want_u, strict=True)):
+                    assert same_bits(a, b), f"{impl.__name__}: u of tensor {i} differs ({t} threads)"
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_dense_momentum_many_refuses_unpaired_lists_and_sends_odd_tensors_to_the_twin():
+    g, u = dense_inputs(1000, seed=2)
+    with pytest.raises(ValueError, match="2 gradients but 1 momentum"):
+        cpu_fused.dense_momentum_many([g, g], [u], 0.9, 2)
+    wide = torch.randn(500, 2)
+    strided, uu = wide.clone()[:, 0], torch.randn(500)
+    plain_g, plain_u = g.clone(), u.clone()
+    want = dense_run(reference, strided, uu, 0.9, 3), dense_run(reference, g, u, 0.9, 3)
+    s_g, s_u = strided.clone(), uu.clone()
+    cpu_fused.dense_momentum_many([s_g, plain_g], [s_u, plain_u], 0.9, 3)
+    assert same_bits(s_g, want[0][0]) and same_bits(s_u, want[0][1])
+    assert same_bits(plain_g, want[1][0]) and same_bits(plain_u, want[1][1])
