@@ -239,6 +239,7 @@ class Codec:
         as_message: bool | None = None,
         divide: int = 1,
         whole: bool = False,
+        finite_of: Tensor | None = None,
     ) -> Send:
         """This worker's contribution of the group in ``buffer`` (local gradients, flat; modified in place).
 
@@ -246,8 +247,11 @@ class Codec:
         divided by ``divide`` (pass N before a sum, or keep 1 and reduce with an average).  ``track``
         records per tensor what was sent; ``as_message`` forces a message (a share of a sparse bucket
         that holds no sparse tensor); ``whole``: a dense payload is the whole buffer, zeros outside the
-        layout's tensors included (a share of a dense bucket, summed over every process)."""
-        finite = self.state.finite(buffer)
+        layout's tensors included (a share of a dense bucket, summed over every process).
+        ``finite_of``: what the finiteness check reads instead of the whole ``buffer`` (None: the
+        buffer): a share of a bucket checks its own entries only, those that it encodes
+        (:meth:`dgc.hierarchy.NodeTopology.encode_share`; the others are the owners' to check)."""
+        finite = self.state.finite(buffer if finite_of is None else finite_of)
         message = layout.compressed if as_message is None else as_message
         if message:
             send = self._encode_sparse(layout, buffer, finite)
@@ -263,9 +267,10 @@ class Codec:
     def _encode_dense(self, layout: BucketLayout, buffer: Tensor, finite: bool, divide: int, whole: bool) -> Send:
         direct: tuple[bool, ...] = ()
         if finite:
-            direct = tuple(
-                self.state.compress_dense_in_place(name, buffer[off : off + numel], divide)
-                for name, off, numel in zip(layout.names, layout.offsets, layout.numels, strict=True)
+            direct = self.state.compress_dense_group(
+                [(name, buffer[off : off + numel])
+                 for name, off, numel in zip(layout.names, layout.offsets, layout.numels, strict=True)],
+                divide,
             )
         partial = not whole and layout.dense_numel < buffer.numel()
         live = self.dense_positions(layout, buffer.device) if partial else None

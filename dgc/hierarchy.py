@@ -173,7 +173,8 @@ class NodeTopology:
     # ------------------------------------------------------------------ the transport's collectives
     def _reduce_to_owners(self, state: DGCState, shares: list[BucketLayout], buffer: Tensor) -> None:
         """Step 1: each share's entries of ``buffer`` summed over the node onto its owner, who divides by
-        the node size (the other entries of ``buffer`` are then free: :meth:`encode_share` zeroes them)."""
+        the node size (the other entries of ``buffer`` are then free: :meth:`encode_share` zeroes them
+        for a dense bucket, leaves them for a sparse one)."""
         raise NotImplementedError
 
     def _node_sum(self, t: Tensor, name: str) -> None:
@@ -257,21 +258,36 @@ class NodeTopology:
 
     def encode_share(self, state: DGCState, layout: BucketLayout, shares: list[BucketLayout],
                      buffer: Tensor) -> tuple[Send, int]:
-        """Step 2, once ``buffer`` holds the node average of this rank's share: the other entries are
-        zeroed (their owners send them) and the share goes through the codec.  Returns the send and the
-        padded message size (0 for a dense bucket, whose payload is the whole zero-padded buffer, to
-        be summed over all processes after a division by :attr:`n_nodes`)."""
+        """Step 2, once ``buffer`` holds the node average of this rank's share: the share goes through
+        the codec, and its entries alone are checked for finiteness (a non-finite entry of another
+        share reached that share's owner, whose check fails the step everywhere).  Returns the send and
+        the padded message size (0 for a dense bucket, whose payload is the whole zero-padded buffer,
+        to be summed over all processes after a division by :attr:`n_nodes`)."""
         mine = shares[self.local_rank]
-        start = 0
-        for off, numel in sorted(zip(mine.offsets, mine.numels, strict=True)):
-            buffer[start:off].zero_()  # not my share: the owner sends it
-            start = off + numel
-        buffer[start:].zero_()
+        if not layout.compressed:
+            self._zero_others(mine, buffer)
+        # A sparse bucket leaves the other entries as step 1 left them (stale local values): nothing
+        # reads them before :meth:`decode` overwrites all of ``out``.  The codec reads this share's
+        # entries only; what a failed step settles (the ledger's undo, the give-back of unapplied sends)
+        # is in the send's positions and values, never in the buffer; a failed decode leaves the buffer
+        # to the transport, which fills all of it (NaN or 0) on every rank; the micro-batch replay reads
+        # the buffer before step 1 (``before_encode``) and after decode (``after_decode``).
         width = max(s.message_bytes for s in shares) if layout.compressed else 0
         # a dense bucket: every rank reduces the whole (zero-padded) bucket, and counts it
         send = state.codec.encode(mine, buffer, track=state.track_sent, message_bytes=width,
-                                  as_message=layout.compressed, whole=not layout.compressed)
+                                  as_message=layout.compressed, whole=not layout.compressed,
+                                  finite_of=pack_share(mine, buffer))
         return send, width
+
+    @staticmethod
+    def _zero_others(mine: BucketLayout, buffer: Tensor) -> None:
+        """Zero every entry of ``buffer`` outside the share ``mine`` (a dense bucket's payload is the
+        whole buffer, summed over every process: the other shares' owners send those entries)."""
+        start = 0
+        for off, numel in sorted(zip(mine.offsets, mine.numels, strict=True)):
+            buffer[start:off].zero_()
+            start = off + numel
+        buffer[start:].zero_()
 
     def padded(self, state: DGCState, send: Send, width: int) -> Tensor:
         """This rank's message in ``width`` bytes (every share's message is padded to the largest)."""

@@ -15,6 +15,16 @@ The entries of the other shares in an owner's buffer are left as they were (:met
 only reads them).  Sums: a float32 (or float64) buffer is summed in its own dtype, in place; a narrower
 buffer (bfloat16, float16) is summed and divided in float32, then rounded once to its dtype.
 
+**The division, folded.**  For a float32 (or float64) buffer and a node size L that is a power of two,
+the division by L costs no pass of its own: senders write ``x * (1/L)`` into their slots (the same
+bytes as the copy) and the owner computes ``own * (1/L) + slot`` in one ``torch.add(slot, own,
+alpha=1/L, out=own)``, then adds the other slots.  Scaling by a power of two is exact, so every partial
+sum is the unscaled one times 1/L and the result has the bits of ``(sum) / L``, except where a scaled
+value falls into the subnormal range (below 1.2e-38 in float32: it loses low bits there) or where the
+unscaled sum overflows (past 3.4e38: the folded sum stays finite where sum-then-divide gives inf).
+Gradients of a trained model are nowhere near either end.  For other node sizes 1/L is not exact: the
+owner sums, then divides (:attr:`NodeShm.fold`, :func:`folds`).
+
 **The segment.**  Local rank 0 creates a file under ``/dev/shm`` with a random name (``O_EXCL``),
 reserves its pages (``posix_fallocate``: a full ``/dev/shm`` fails here, not with a SIGBUS later) and
 broadcasts the name inside the node; every process maps it, the node agrees that all did, and local
@@ -45,7 +55,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["SHM_DIR", "NodeShm", "NodeShmUnavailable", "Share", "reduce_reference"]
+__all__ = ["SHM_DIR", "NodeShm", "NodeShmUnavailable", "Share", "folds", "reduce_reference"]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +97,10 @@ class NodeShm:
     """Bytes of each of the two halves of the segment."""
     calls: int = 0
     """Calls so far: the half a call uses is ``calls % 2``."""
+    fold: bool = True
+    """Fold the division by the node size into the copies and the first addition where that is exact
+    (:func:`folds`); False: always sum, then divide (the same bits where folding is exact; a
+    benchmark's "before")."""
     paths: list[str] = field(default_factory=list)
     """The files of the segments made so far (each unlinked once every process had mapped it)."""
     _segment: Tensor | None = field(default=None, repr=False)
@@ -147,13 +161,17 @@ class NodeShm:
         self.calls += 1
         half = self._segment[start : start + need].view(buffer.dtype)
         me = self.local_rank
-        for j, share in enumerate(shares):  # 1. the others' shares into my slot
+        scale = 1 / self.local_size if self.fold and folds(buffer.dtype, self.local_size) else None
+        for j, share in enumerate(shares):  # 1. the others' shares into my slot (scaled: folded)
             if j != me and sizes[j]:
-                _pack(share, buffer, half[self._place(sizes, me, j) :])
+                _pack(share, buffer, half[self._place(sizes, me, j) :], scale)
         dist.barrier(group=self.group)  # 2. every slot written
         if sizes[me]:  # 3. my share: mine + the others', in local-rank order
             slots = [half[self._place(sizes, r, me) :] for r in range(self.local_size) if r != me]
-            _sum_share(shares[me], buffer, slots, self.local_size)
+            if scale is None:
+                _sum_share(shares[me], buffer, slots, self.local_size)
+            else:
+                _sum_scaled_share(shares[me], buffer, slots, scale)
 
     def _place(self, sizes: list[int], sender: int, owner: int) -> int:
         """Where, in a half (elements), ``sender``'s copy of ``owner``'s share starts: senders one after
@@ -196,11 +214,32 @@ def _free(path: str) -> str:
     return f"{st.f_bavail * st.f_frsize / 1e6:.1f} MB"
 
 
-def _pack(share: Share, buffer: Tensor, out: Tensor) -> None:
-    """The share's entries of ``buffer`` back to back at the start of ``out``."""
+def folds(dtype: torch.dtype, size: int) -> bool:
+    """Whether the stage folds the division by the node ``size`` into its copies and sums: a float32 or
+    float64 buffer (narrower ones are summed in float32) and ``size`` a power of two (1/size exact)."""
+    return dtype in (torch.float32, torch.float64) and size > 1 and size & (size - 1) == 0
+
+
+def _pack(share: Share, buffer: Tensor, out: Tensor, scale: float | None = None) -> None:
+    """The share's entries of ``buffer`` (times ``scale``, if given) back to back at the start of ``out``."""
     pos = 0
     for off, numel in zip(share.offsets, share.numels, strict=True):
-        out[pos : pos + numel].copy_(buffer[off : off + numel])
+        if scale is None:
+            out[pos : pos + numel].copy_(buffer[off : off + numel])
+        else:
+            torch.mul(buffer[off : off + numel], scale, out=out[pos : pos + numel])
+        pos += numel
+
+
+def _sum_scaled_share(share: Share, buffer: Tensor, slots: list[Tensor], scale: float) -> None:
+    """``buffer``'s share entries times ``scale`` plus each slot's (already scaled), in place: the first
+    slot in the same pass as the scaling (see "The division, folded" above)."""
+    pos = 0
+    for off, numel in zip(share.offsets, share.numels, strict=True):
+        part = buffer[off : off + numel]
+        torch.add(slots[0][pos : pos + numel], part, alpha=scale, out=part)
+        for slot in slots[1:]:
+            part.add_(slot[pos : pos + numel])
         pos += numel
 
 
@@ -219,17 +258,27 @@ def _sum_share(share: Share, buffer: Tensor, slots: list[Tensor], size: int) -> 
         pos += numel
 
 
-def reduce_reference(shares: Sequence[Share], buffers: Sequence[Tensor], owner: int) -> Tensor:
+def reduce_reference(shares: Sequence[Share], buffers: Sequence[Tensor], owner: int, fold: bool = True) -> Tensor:
     """Pure-torch reference of what :meth:`NodeShm.reduce` leaves in local rank ``owner``'s buffer, given
     every local rank's ``buffers`` (by local rank): the owner's share averaged the same way (its own
     entries first, then the others in local-rank order; float32 work for narrower dtypes), the rest as
-    it was."""
+    it was; ``fold``: as :attr:`NodeShm.fold`, each entry scaled by 1/L before the sum where
+    :func:`folds`)."""
     out = buffers[owner].clone()
-    wide = out.dtype in (torch.float32, torch.float64)
+    wide, n = out.dtype in (torch.float32, torch.float64), len(buffers)
+    folded = fold and folds(out.dtype, n)
     for off, numel in zip(shares[owner].offsets, shares[owner].numels, strict=True):
-        acc = out[off : off + numel].clone() if wide else out[off : off + numel].float()
-        for r, other in enumerate(buffers):
-            if r != owner:
-                acc = acc + other[off : off + numel]
-        out[off : off + numel] = acc / len(buffers)
+        part = out[off : off + numel]
+        if folded:  # (own / L + slot / L) + ...: exactly (own + slot + ...) / L, see the module doc
+            acc = part * (1 / n)
+            for r, other in enumerate(buffers):
+                if r != owner:
+                    acc = acc + other[off : off + numel] * (1 / n)
+        else:
+            acc = part.clone() if wide else part.float()
+            for r, other in enumerate(buffers):
+                if r != owner:
+                    acc = acc + other[off : off + numel]
+            acc = acc / n
+        part.copy_(acc)
     return out

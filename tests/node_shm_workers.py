@@ -32,18 +32,21 @@ def random_shares(numel: int, size: int, gen: torch.Generator) -> list[Ranges]:
     return [Ranges(tuple(o for o, _ in s), tuple(n for _, n in s)) for s in spans]
 
 
-def reduce_random(rank: int, world: int, dtype: str, numels: list[int]) -> dict:
+def reduce_random(rank: int, world: int, dtype: str, numels: list[int], fold: bool = True) -> dict:
     """One node of ``world`` ranks: repeated reduces of random buffers over random shares, against the
-    pure-torch reference (exact), and the segments' files gone once mapped."""
+    pure-torch reference (exact), and the segments' files gone once mapped.  ``fold``:
+    :attr:`NodeShm.fold`; ``unfolded`` says whether each result also has the bits of sum-then-divide."""
     shm = NodeShm.open(None, 0, rank, world)
-    out: dict = {"equal": [], "half_bytes": [], "left": []}
+    shm.fold = fold
+    out: dict = {"equal": [], "unfolded": [], "half_bytes": [], "left": []}
     for call, numel in enumerate(numels):
         gen = torch.Generator().manual_seed(1000 + call)
         buffers = [torch.randn(numel, generator=gen).to(getattr(torch, dtype)) for _ in range(world)]
         shares = random_shares(numel, world, gen)
         buf = buffers[rank].clone()
         shm.reduce(shares, buf)
-        out["equal"].append(torch.equal(buf, reduce_reference(shares, buffers, rank)))
+        out["equal"].append(torch.equal(buf, reduce_reference(shares, buffers, rank, fold=fold)))
+        out["unfolded"].append(torch.equal(buf, reduce_reference(shares, buffers, rank, fold=False)))
         out["half_bytes"].append(shm.half_bytes)
         out["left"] += [p for p in shm.paths if os.path.exists(p)]
     out["paths"] = list(shm.paths)

@@ -10,7 +10,7 @@ import torch
 from _dist import run_distributed
 from node_shm_workers import Ranges, hierarchy_counted, random_shares, reduce_random
 
-from dgc.node_shm import reduce_reference
+from dgc.node_shm import folds, reduce_reference
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -18,12 +18,18 @@ pytestmark = pytest.mark.timeout(180)
 NUMELS = [300, 40_000, 7, 250_000, 1_000]
 
 
-@pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_owner_gets_the_node_average_of_its_share_and_the_rest_is_untouched(world: int, dtype: str) -> None:
-    results = run_distributed(reduce_random, world, dtype, NUMELS, timeout=120)
+@pytest.mark.parametrize(
+    ("world", "dtype", "fold"),
+    [(2, "float32", True), (4, "float32", True), (4, "float32", False), (3, "float32", True),
+     (2, "bfloat16", True), (4, "bfloat16", True)],
+)
+def test_owner_gets_the_node_average_of_its_share_and_the_rest_is_untouched(world: int, dtype: str,
+                                                                            fold: bool) -> None:
+    results = run_distributed(reduce_random, world, dtype, NUMELS, fold, timeout=120)
     for r in results:
         assert r["equal"] == [True] * len(NUMELS)
+        # the folded division (powers of two) has the bits of sum-then-divide; L = 3 and bf16 never fold
+        assert r["unfolded"] == [True] * len(NUMELS)
         assert r["half_bytes"][0] < r["half_bytes"][-1]  # grew (a new segment)
         assert len(r["paths"]) >= 2 and r["paths"] == results[0]["paths"]
         assert r["left"] == []  # unlinked as soon as every process had mapped it
@@ -33,10 +39,33 @@ def test_owner_gets_the_node_average_of_its_share_and_the_rest_is_untouched(worl
 def test_reference_averages_the_owners_share_only() -> None:
     shares = [Ranges((0, 6), (2, 1)), Ranges((3,), (2,))]  # positions 2 and 7 owned by nobody
     buffers = [torch.arange(8.0), 10 * torch.arange(8.0)]
-    out = reduce_reference(shares, buffers, owner=1)
-    assert out.tolist() == [0, 10, 20, 16.5, 22, 50, 60, 70]
+    for fold in (True, False):
+        out = reduce_reference(shares, buffers, owner=1, fold=fold)
+        assert out.tolist() == [0, 10, 20, 16.5, 22, 50, 60, 70]
     out = reduce_reference(shares, [b.bfloat16() for b in buffers], owner=0)
     assert out.dtype == torch.bfloat16 and out.tolist() == [0, 5.5, 2, 3, 4, 5, 33, 7]
+
+
+@pytest.mark.parametrize("size", [2, 4, 8])
+def test_folded_division_has_the_bits_of_sum_then_divide(size: int) -> None:
+    # magnitudes from 1e-30 to 1e30 (no subnormal after the scaling, no overflow of the sum)
+    gen = torch.Generator().manual_seed(size)
+    buffers = [torch.randn(20_000, generator=gen) * 10.0 ** torch.randint(-30, 31, (20_000,), generator=gen)
+               for _ in range(size)]
+    shares = [Ranges((0,), (20_000,))] + [Ranges((), ())] * (size - 1)
+    assert folds(torch.float32, size)
+    folded = reduce_reference(shares, buffers, 0, fold=True)
+    assert torch.equal(folded, reduce_reference(shares, buffers, 0, fold=False))
+    assert torch.equal(folded, sum(buffers[1:], buffers[0].clone()) / size)  # the reference's own sum order
+
+
+def test_only_exact_divisions_fold() -> None:
+    assert [n for n in range(1, 17) if folds(torch.float32, n)] == [2, 4, 8, 16]
+    assert folds(torch.float64, 4) and not folds(torch.bfloat16, 2) and not folds(torch.float16, 4)
+    # why 3 does not fold: x / 3 + y / 3 is not (x + y) / 3 for every pair
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(10_000, generator=gen), torch.randn(10_000, generator=gen)
+    assert not torch.equal(x * (1 / 3) + y * (1 / 3), (x + y) / 3)
 
 
 def test_random_shares_are_disjoint_ranges() -> None:
