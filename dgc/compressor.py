@@ -29,6 +29,7 @@ steps, as for float16.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -45,6 +46,7 @@ __all__ = [
     "compress",
     "compress_dense",
     "compress_dense_direct",
+    "compress_dense_direct_many",
     "dense_scale",
     "direct_dense_ok",
     "finish_dense",
@@ -243,6 +245,14 @@ def compress_dense_direct(
     so v is left untouched; the payload is u itself (the values :func:`compress_dense` gives, up to the
     sign of zeros).  A failed step gives it back with :func:`undo_direct`."""
     kernels.dense_momentum(grad.reshape(-1), memory.momentum, config.momentum, divide)
+
+
+def compress_dense_direct_many(
+    grads: Sequence[Tensor], momenta: Sequence[Tensor], config: DGCConfig, divide: int, kernels: ModuleType
+) -> None:
+    """:func:`compress_dense_direct` for several tensors (flat ``grads``, their memories' ``momenta``) in
+    one ``kernels.dense_momentum_many`` call, with the same bits."""
+    kernels.dense_momentum_many(grads, momenta, config.momentum, divide)
 
 
 def undo_direct(memory: TensorMemory) -> None:

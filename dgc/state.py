@@ -301,6 +301,31 @@ class DGCState:
             grad.div_(divide)
         return False
 
+    def compress_dense_group(self, parts: Sequence[tuple[str, Tensor]], divide: int = 1) -> tuple[bool, ...]:
+        """:meth:`compress_dense_in_place` for every ``(name, grad)`` of a group (e.g. a dense bucket), with
+        the same results: the tensors that take the direct path go through one
+        ``kernels.dense_momentum_many`` call instead of one Python call chain per tensor.  Returns, per
+        tensor, whether it took the direct path."""
+        config, direct = self.config, []
+        grads: list[Tensor] = []
+        momenta: list[Tensor] = []
+        step0 = config.weight_decay or config.clip_norm is not None
+        world = self.world_size if step0 else 1
+        for name, grad in parts:
+            mem = self._memory_on(name, grad.device)
+            if config.hierarchy == "flat" and compressor.direct_dense_ok(mem, grad, config):
+                if step0:
+                    compressor.preprocess(grad, self._param_for(name, None), config, world)
+                grads.append(grad.reshape(-1))
+                momenta.append(mem.momentum)
+                direct.append(True)
+            else:
+                self.compress_dense_in_place(name, grad, divide)
+                direct.append(False)
+        if grads:
+            compressor.compress_dense_direct_many(grads, momenta, config, divide, self.kernels_for(grads[0]))
+        return tuple(direct)
+
     def undo_dense_direct(self, name: str) -> None:
         """A failed step: the payload of :meth:`compress_dense_in_place`'s direct path back into v."""
         compressor.undo_direct(self.memory_of(name))
