@@ -113,3 +113,6 @@ def test_process_sets_passed_at_init_are_used_and_missing_ones_named(tmp_path: P
     assert r["node_sparse_steps"] >= 2, r
     assert r["max_diff"] <= 1e-5, r
     assert "process_sets='dynamic'" in r["missing_sets"] and "hvd.ProcessSet" in r["missing_sets"], r
+    # policy="auto" with hierarchy="node": decisions taken, the same on every rank, share-aware
+    assert r["auto_decided"] > 0 and r["auto_same_everywhere"] and r["auto_topology"], r
+    assert r["auto_spread"] == 0.0, r

@@ -10,7 +10,8 @@ Every rank runs the scenario; rank 0 writes a JSON of measured figures to OUT.  
   local rank per node, the checkpoint layout check, node layouts that are refused, and the nodes found
   from Horovod's own ``local_rank``/``cross_rank`` (one host: one node of 4);
 * ``static_sets``: node process sets passed to ``hvd.init(process_sets=[...])`` are found and used;
-  nodes whose process set is not registered are refused with the way out.
+  nodes whose process set is not registered are refused with the way out; ``policy="auto"`` on the node
+  hierarchy decides alike on every rank, from this rank's share.
 """
 
 from __future__ import annotations
@@ -201,6 +202,29 @@ def scenario_invariant() -> dict:
 
 
 # ---------------------------------------------------------------------------------------- static_sets
+def _auto_decisions(steps: int = 5) -> dict:
+    """policy="auto" with hierarchy="node": decided every step, alike on every rank, and predicted from
+    this rank's share (the policy holds the node topology)."""
+    cfg = dgc.DGCConfig(density=0.05, momentum=0.9, dense_steps=1, min_compress_numel=128,
+                        hierarchy="node", policy="auto", policy_interval=1)
+    model = make_model()
+    opt = optimizer(model, cfg)
+    state = opt.dgc_state
+    decisions = []
+    for x, y in batches(steps):
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        opt.step()
+        decisions.append(sorted((repr(k), bool(v)) for k, v in state.policy.decisions.items()))
+    everyone = hvd.allgather_object(decisions)
+    return {
+        "auto_same_everywhere": all(d == everyone[0] for d in everyone),
+        "auto_decided": sum(len(d) for d in decisions),
+        "auto_topology": state.policy.topology is not None,
+        "auto_spread": max(_spread(p.detach()) for p in model.parameters()),
+    }
+
+
 def scenario_static_sets(steps: int = 3) -> dict:
     cfg = dict(density=1.0, momentum=0.0, sample_ratio=1.0, dense_steps=1, min_compress_numel=128)
     flat = train(dgc.DGCConfig(**cfg, hierarchy="flat"), steps)
@@ -210,6 +234,7 @@ def scenario_static_sets(steps: int = 3) -> dict:
         "max_diff": max_over_ranks(diff),
         "node_sparse_steps": node["sparse_steps"],
         "missing_sets": _refused([[0, 2], [1, 3]]),  # no process set holds {0, 2}: not dynamic here
+        **_auto_decisions(),
     }
 
 
