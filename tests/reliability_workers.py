@@ -255,3 +255,79 @@ def nan_propagate(rank: int, world: int, steps: int = 4, bad: int = 2) -> dict:
             opt.step()
         steps_seen.append(state.step)
     return {"steps": steps_seen, "all_nan": all_nan}
+
+
+def _snapshot(state: dgc.DGCState) -> dict[str, torch.Tensor]:
+    return {name: mem.residual.clone() for name, mem in state.memory.items()}
+
+
+def _settled(state: dgc.DGCState, topo: TorchNodeTopology, before: dict[str, torch.Tensor],
+             local: dict[str, torch.Tensor]) -> list[tuple[str, int, int, str]]:
+    """Per range this rank owns after a failed step (momentum 0): "restored" when v gained the node
+    average of the local gradients there (what was sent is back), "untouched" when v is bit-for-bit as
+    before, else "other"."""
+    out = []
+    for name, ranges in sorted(topo.owner_of.items()):
+        avg = local[name].clone()
+        dist.all_reduce(avg, group=topo.intra)
+        avg /= topo.local_size
+        v = state.memory[name].residual
+        for a, b, owner in ranges:
+            if owner != topo.local_rank:
+                continue
+            gained = v[a:b] - before[name][a:b]
+            if torch.isfinite(avg[a:b]).all() and torch.allclose(gained, avg[a:b], rtol=1e-5, atol=1e-6):
+                out.append((name, a, b, "restored"))
+            else:
+                out.append((name, a, b, "untouched" if torch.equal(v[a:b], before[name][a:b]) else "other"))
+    return out
+
+
+def node_nan(rank: int, world: int, cfg: dict, bad: dict[int, str], steps: int = 6) -> dict:
+    """hierarchy="node" (nodes [0, 1], [2, 3]), nonfinite="propagate", momentum 0: at step s of ``bad``,
+    rank 1's local gradient of net1.weight (split between the two local ranks) gets a NaN in the piece
+    that rank 1 owns (``"owned"``) or in the piece that rank 0 owns (``"foreign"``).  Per step: whether
+    every gradient came out NaN and the step count; per failed step, how each range this rank owns
+    settled (:func:`_settled`) and whether every u and v stayed finite."""
+    torch.manual_seed(0)
+    ddp = DDP(BigLinear(), bucket_cap_mb=0.001)
+    opt = dgc.DGCSGD(ddp.parameters(), lr=0.05)
+    config = dgc.DGCConfig(**cfg, momentum=0.0, nonfinite="propagate", hierarchy="node")
+    state = dgc.register(ddp, opt, config, node_groups=NODES)
+    local: dict[str, torch.Tensor] = {}
+    poison: list[int] = []
+
+    def capture(name: str):  # noqa: ANN202
+        def hook(g: torch.Tensor) -> torch.Tensor:
+            if poison and name == "net1.weight":
+                g = g.clone()
+                g.view(-1)[poison[0]] = float("nan")
+            local[name] = g.detach().reshape(-1).clone()
+            return g
+        return hook
+
+    for name, p in ddp.module.named_parameters():
+        p.register_hook(capture(name))
+    out: dict = {"all_nan": [], "steps": [], "settled": {}, "state_finite": {}, "nan_at": {}}
+    for step, ((x, y),) in enumerate(_data(rank, steps, 1)):
+        opt.zero_grad()
+        poison.clear()
+        if step in bad:
+            ranges = state.transport.topology(state).owner_of["net1.weight"]
+            want = 1 if bad[step] == "owned" else 0
+            a, b = next((a, b) for a, b, owner in ranges if owner == want)
+            out["nan_at"][step] = ((a + b) // 2, (a, b))
+            if rank == 1:
+                poison.append((a + b) // 2)
+        before = _snapshot(state)
+        nn.functional.mse_loss(ddp(x), y).backward()
+        grads = [p.grad for p in ddp.module.parameters()]
+        out["all_nan"].append(all(bool(torch.isnan(g).all()) for g in grads))
+        if step in bad:
+            out["settled"][step] = _settled(state, state.transport.topology(state), before, local)
+            out["state_finite"][step] = all(bool(torch.isfinite(m.residual).all()) for m in state.memory.values())
+        else:
+            opt.step()
+        out["steps"].append(state.step)
+    out["params"] = {n: p.detach().clone() for n, p in ddp.module.named_parameters()}
+    return out

@@ -15,6 +15,7 @@ from reliability_workers import (
     mismatch,
     nan_on_one_rank,
     nan_propagate,
+    node_nan,
 )
 
 pytestmark = pytest.mark.timeout(180)
@@ -132,3 +133,32 @@ def test_nan_with_propagate_hands_nan_everywhere_and_is_not_counted() -> None:
     for r in run_distributed(nan_propagate, 2, timeout=120):
         assert r["all_nan"] == [False, False, True, False]  # every gradient of the failed step, every rank
         assert r["steps"] == [1, 2, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [dict(density=0.05, min_compress_numel=16, dense_steps=1),  # sparse shares
+     dict(min_compress_numel=16, policy="dense")],  # dense buckets: the zero-padded whole buffer
+    ids=["sparse", "dense"],
+)
+def test_node_hierarchy_nan_in_a_foreign_or_own_share_fails_the_step_everywhere(cfg: dict) -> None:
+    # Each rank checks the finiteness of its own share only: a NaN in a share rank 1 does not own reaches
+    # that share's owner (rank 0) through the node sum, whose check must fail the step on every rank.
+    bad = {2: "foreign", 4: "owned"}
+    results = run_distributed(node_nan, 4, cfg, bad, timeout=150)
+    for rank, r in enumerate(results):
+        assert r["all_nan"] == [False, False, True, False, True, False], rank  # every rank, both steps
+        assert r["steps"] == [1, 2, 2, 3, 3, 4]  # the failed steps are not counted
+        for step, kind in bad.items():
+            assert r["state_finite"][step], (rank, step)  # no NaN entered any u or v
+            (at, nan_range) = r["nan_at"][step]
+            owner = 0 if kind == "foreign" else 1
+            for name, a, b, how in r["settled"][step]:
+                poisoned = rank == owner and name == "net1.weight" and (a, b) == nan_range
+                # the poisoned share's owner took nothing in; every other share gave back what it sent
+                assert how == ("untouched" if poisoned else "restored"), (rank, step, name, a, b, how)
+            assert any(n == "net1.weight" and (a, b) == nan_range for n, a, b, _ in r["settled"][step]) == (
+                rank % 2 == owner)
+    for r in results[1:]:
+        for n, p in results[0]["params"].items():
+            assert torch.equal(p, r["params"][n]) and torch.isfinite(p).all()
