@@ -3,8 +3,9 @@
 On a machine shared with other work the load changes over minutes; methods measured one after the
 other then see different machines.  Here each method gets its own DDP model up front, all warm up
 together (as many steps as the slowest to settle needs, e.g. ``dgc-auto``'s decisions), then measured
-step ``s`` of every method runs before step ``s + 1`` of any: a busy minute slows them all alike, and
-the medians compare like with like.  Bytes on the wire come from the interface counters around each
+step ``s`` of every method runs before step ``s + 1`` of any, in an order rotated every step
+(:func:`rotated`): a busy minute slows them all alike, every method follows every other one equally often, and the
+medians compare like with like.  Bytes on the wire come from the interface counters around each
 measured step (a barrier on both sides, one barrier's traffic subtracted).  Costs the memory of all
 methods' models and states at once.
 """
@@ -24,7 +25,28 @@ from .replay import replay as replay_ops
 from .results import MethodResult
 from .stepping import AttachedMethod, StepRecords, attach, measure_step, sync
 
-__all__ = ["run_interleaved"]
+__all__ = ["rotated", "run_interleaved"]
+
+
+def rotated(count: int, step: int) -> list[int]:
+    """The methods' order at measured step ``step``: the rows of a balanced Latin square (Williams), so
+    every method runs in every place and right after every other method equally often (once per
+    ``count`` steps for an even count, twice per ``2 count`` for an odd one): a method that leaves the
+    machine busy (gloo threads, evicted caches, e.g. DGC at density 0.25) slows no single method more
+    than the others."""
+    if count <= 0:
+        return []
+    base, lo, hi = [0], 1, count - 1
+    for i in range(1, count):  # 0, 1, n-1, 2, n-2, ...
+        if i % 2:
+            base.append(lo)
+            lo += 1
+        else:
+            base.append(hi)
+            hi -= 1
+    row = step % (count if count % 2 == 0 else 2 * count)
+    order = [(x + row) % count for x in base]
+    return order[::-1] if row >= count else order
 
 
 def run_interleaved(
@@ -49,8 +71,9 @@ def run_interleaved(
     one_barrier = barrier_traffic(iface, 8)
     records = [StepRecords() for _ in runs]
     moved = [InterfaceBytes(rx=0, tx=0) for _ in runs]
-    for _ in range(opts.steps):
-        for run, rec, i in zip(runs, records, range(len(runs)), strict=True):
+    for step in range(opts.steps):
+        for i in rotated(len(runs), step):
+            run, rec = runs[i], records[i]
             before = interface_bytes(iface)
             measure_step(run, rec, device)  # starts with a barrier
             dist.barrier()
