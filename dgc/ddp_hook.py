@@ -7,13 +7,16 @@ gradients, not yet divided by the world size):
     Step II   encode: the codec compresses every tensor into this worker's fixed-size message (or, for a
               dense bucket, the momentum-corrected payload into the buffer) and counts the traffic;
     Step III  launch ONE collective from the hook call itself: ``all_gather_single`` of the messages or
-              ``all_reduce`` of the payload.  Never from a ``Future.then`` callback: callbacks of
-              different buckets run in different orders on different ranks, and gloo then pairs the
-              wrong messages (docs/algorithm.md#collectives-from-the-hook-call);
+              ``all_reduce`` of the payload (``hierarchy="node"``, sparse: stage A, the share message
+              gathered across the nodes among the same local ranks).  Never from a ``Future.then``
+              callback: callbacks of different buckets run in different orders on different ranks,
+              and gloo then pairs the wrong messages (docs/algorithm.md#collectives-from-the-hook-call);
     Step IV   in the callback, the codec decodes everybody's contribution into the buffer (the average),
               and the bucket settles in the step's ledger (docs/architecture.md);
-    Step V    the last bucket's call waits for the whole step: a failed step is undone everywhere, not
-              counted, leaves the same gradients on every rank and raises from ``backward()``.
+    Step V    the last bucket's call finishes the node-sparse buckets in launch order (wait for stage A,
+              stage B: gather inside the node, then Step IV) and waits for the whole step: a failed step
+              is undone everywhere, not counted, leaves the same gradients on every rank and raises from
+              ``backward()``.
 
 At the first call (and after every ``load_state_dict``) the ranks compare what must match
 (:mod:`dgc.agreement`).
@@ -64,32 +67,43 @@ def ddp_comm_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Fut
         send, shares, width = topo.encode(state, layout, buffer)
     encoded = time.perf_counter()
     session.note(send)
-    # Step III
-    group, n = state.process_group, state.world_size
-    if send.sparse:
-        received = state.codec.scratch(layout, buffer.device, "gathered", n * width, torch.uint8)
-        message = send.message if topo is None else topo.padded(state, send, width)
-        work = _all_gather(received, message, group)
-    else:
-        received = send.payload if topo is None else send.payload.div_(topo.n_nodes)  # flat: divided by N
-        work = dist.all_reduce(received, group=group, async_op=True)
-
-    # Step IV
-    def finish(fut: torch.futures.Future[list[Tensor]]) -> Tensor:
-        fut.wait()
-        arrived = time.perf_counter()
-        if shares is None or not send.sparse:
-            failed = state.codec.decode(send, received)
-        else:
-            failed = topo.decode(state, shares, received, width, buffer)
-        if not failed:
+    def settle(failed: str | None, arrived: float) -> None:  # Step IV's end (defined before the
+        if not failed:                                        # collective: its callback may run at once)
             session.micro.after_decode(state, names, buffer)
             session.observe(state, send, encoded, encoded - started, time.perf_counter() - arrived)
         ledger.settle(failed=failed, commit=functools.partial(send.commit, state),
                       undo=functools.partial(send.undo, state))
-        return buffer
 
-    fut = session.track(send, work, finish)  # waited for, and its callback dropped, in Step V
+    # Step III
+    group, n = state.process_group, state.world_size
+    if send.sparse and topo is not None:  # stage A now, stage B from Step V
+        cross = topo.gather_across(state, send, width)
+
+        def finish_node() -> list[dist.Work]:
+            gathered, work = topo.gather_inside(state, send, cross)
+            arrived = time.perf_counter()
+            failed = topo.decode(state, shares, gathered, width, buffer, topo.stage_rows)
+            settle(failed, arrived)
+            return [work]
+
+        fut = session.defer(send, cross.work, finish_node)
+    else:
+        if send.sparse:
+            received = state.codec.scratch(layout, buffer.device, "gathered", n * width, torch.uint8)
+            work = _all_gather(received, send.message, group)
+        else:
+            received = send.payload if topo is None else send.payload.div_(topo.n_nodes)  # flat: divided by N
+            work = dist.all_reduce(received, group=group, async_op=True)
+
+        # Step IV
+        def finish(fut: torch.futures.Future[list[Tensor]]) -> Tensor:
+            fut.wait()
+            arrived = time.perf_counter()
+            settle(state.codec.decode(send, received), arrived)
+            return buffer
+
+        fut = session.track(send, work, finish)  # waited for, and its callback dropped, in Step V
+
     if bucket.is_last():  # Step V: the step as a whole
         failures = session.finish_step()
         if failures:

@@ -46,7 +46,7 @@ from .hierarchy_dist import TorchNodeTopology
 from .ledger import StepLedger
 from .state import DGCState
 
-__all__ = ["DDPSession", "Flight", "hook_without_python_tls"]
+__all__ = ["DDPSession", "Deferred", "Flight", "hook_without_python_tls"]
 
 _log = logging.getLogger(__name__)
 
@@ -71,6 +71,18 @@ class Flight:
     """The future of the bucket's ``Future.then`` callback (what DDP waits for)."""
     released: threading.Event
     """Set once the gloo thread that ran the callback has dropped it (:class:`_DropSignal`)."""
+
+
+@dataclass
+class Deferred:
+    """A ``hierarchy="node"`` sparse bucket of this step: its stage A is in flight (issued from its hook
+    call); the last bucket's call finishes it (:meth:`DDPSession.finish_step`), in launch order."""
+
+    send: Send
+    finish: Callable[[], list[dist.Work]]
+    """Stage B, decode and settle (on the calling thread); returns the works to hold until the next step."""
+    future: torch.futures.Future[Any]
+    """What DDP waits for: completed with the bucket's buffer once ``finish`` ran."""
 
 
 class _DropSignal:
@@ -132,6 +144,9 @@ class DDPSession:
         self._sent: dict[str, SentPart] = {}
         self._optimizer_hook: Any = None
         self._flights: list[Flight] = []
+        self._deferred: list[Deferred] = []
+        self._launched: list[Send] = []
+        """This step's groups in launch order (the same on every rank)."""
         self._works: list[dist.Work] = []
         """This step's groups and their futures, until the last bucket's call has waited for them."""
         self._sends: list[Send] = []
@@ -186,6 +201,19 @@ class DDPSession:
         released = threading.Event()
         fut = work.get_future().then(_DropSignal(callback, released))  # torch: the only reference
         self._flights.append(Flight(send, work, fut, released))
+        self._launched.append(send)
+        return fut
+
+    def defer(
+        self, send: Send, work: dist.Work, finish: Callable[[], list[dist.Work]]
+    ) -> torch.futures.Future[Any]:
+        """A bucket whose collectives go on after its hook call (``hierarchy="node"``'s stage B): ``work``
+        (stage A) is held until the next step, ``finish`` runs from the last bucket's call; returns
+        the future to hand DDP (completed with the buffer there)."""
+        fut: torch.futures.Future[Any] = torch.futures.Future()
+        self._deferred.append(Deferred(send, finish, fut))
+        self._launched.append(send)
+        self._works.append(work)
         return fut
 
     def ledger(self, step: int) -> StepLedger:
@@ -197,6 +225,9 @@ class DDPSession:
                 self.last_groups = [send.layout.names for send in self._sends]
             self._sends = []
             self._flights.clear()
+            self._deferred.clear()
+            self._launched = []
+            self._works = []  # the last step's: its collectives are long over
         return self._ledger
 
     def maybe_decide(self, state: DGCState, ledger: StepLedger) -> None:
@@ -226,14 +257,28 @@ class DDPSession:
         the gloo threads have dropped every callback (so that none is left to take the GIL at exit), and
         return the failures (empty when the step arrived everywhere)."""
         try:
+            self._finish_deferred()
             for flight in self._flights:
                 flight.future.wait()
         finally:  # also when a callback raised: its disposal still takes the GIL
             self._await_release()
-        self._sends = [flight.send for flight in self._flights]
-        self._works = [flight.work for flight in self._flights]  # the last step's, dropped at the next
+        self._sends = list(self._launched)
+        self._works += [flight.work for flight in self._flights]  # the step's, dropped at the next
         self._flights.clear()
         return list(self._ledger.failures) if self._ledger is not None else []
+
+    def _finish_deferred(self) -> None:
+        """The deferred buckets' second stage, in launch order (every rank issues the same collectives
+        in the same order), each future completed (with the buffer, or the error) as it is done."""
+        deferred, self._deferred = self._deferred, []
+        for i, item in enumerate(deferred):
+            try:
+                self._works += item.finish()
+            except BaseException as exc:
+                for rest in deferred[i:]:  # DDP must not wait forever on the others
+                    rest.future.set_exception(exc)
+                raise
+            item.future.set_result(item.send.buffer)
 
     def _await_release(self) -> None:
         late = sum(not flight.released.wait(_RELEASE_WAIT_S) for flight in self._flights)

@@ -15,10 +15,15 @@ bucket of :mod:`dgc.hierarchy_horovod_steps`):
        from the piece, so a split tensor sends its top-k per piece (the pieces' ks add up to the
        tensor's, give or take the rounding), not over the whole tensor: the one departure from
        per-tensor top-k, which lets every local rank select without seeing the others' elements;
-    3. one all-gather over all processes of the shares' messages (padded to the largest share): a rank
-       receives, per node, L messages that together cover the bucket once, so the bytes it receives
-       from other nodes are those of about ``n - 1`` whole messages instead of ``(n - 1) L``;
-    4. every rank sums the n messages of each share and divides by n.
+    3. the share messages (padded to the largest share) cross the nodes in two stages.  DDP: stage A,
+       each local rank all-gathers its message with the same local rank of the other nodes only (one
+       "cross" process group per local rank), so a node's link carries ``(n - 1) L`` share messages,
+       about ``(n - 1)`` whole messages, instead of the ``(N - 1)`` share messages of an all-gather over
+       all N processes; stage B, an all-gather inside the node of the ``n`` messages each rank got, so
+       every rank holds all ``N`` share messages (:attr:`NodeTopology.stage_rows` says which rank's each
+       row is).  Horovod: one all-gather over all processes;
+    4. every rank sums the n messages of each share (in node order: the same bits either way) and
+       divides by n.
 
 Every local rank works (no leader idles), and the invariant holds per share: what the owners sent plus
 their residuals equals the node-averaged, momentum-corrected gradients.  Dense steps (and
@@ -28,7 +33,7 @@ the others zeros, and one allreduce sums the nodes.
 This module holds everything that does not depend on the transport: the nodes and their checks, the
 share layouts (from the byte-balanced cuts), the state migration, the encoding of this rank's share and the
 decoding of the gathered share messages.  The collectives (the reduce onto the owners inside the node,
-the all-gather, the migration's sum inside the node) are the transports' own:
+the gathers, the migration's sum inside the node) are the transports' own:
 :class:`dgc.hierarchy_dist.TorchNodeTopology` (torch.distributed, the DDP hook) and
 :class:`dgc.hierarchy_horovod.HorovodNodeTopology` (Horovod process sets).
 """
@@ -141,7 +146,7 @@ class NodeTopology:
     """Where this rank sits (its node's ranks, its local rank), and the transport-neutral steps.
 
     A transport subclasses it with its collectives: :meth:`_reduce_to_owners` (step 1) and
-    :meth:`_node_sum` (the migration); it issues the all-gather (step 3) itself."""
+    :meth:`_node_sum` (the migration); it issues the gathers (step 3) itself."""
 
     nodes: list[list[int]]
     """Ranks (of the DGC process group or Horovod process set) of every node; all nodes the same size."""
@@ -150,6 +155,16 @@ class NodeTopology:
     intra: Any = None
     """The transport's handle of this rank's node (a torch process group, a Horovod process set; None
     where nothing is communicated, e.g. a cost model's split)."""
+    cross: Any = None
+    """The transport's handle of this rank's cross group: the ranks of the same local rank on every node
+    (DDP's stage A; None where the transport gathers over all processes at once, or nothing is
+    communicated)."""
+    two_stage: bool = False
+    """Whether the share messages cross the nodes among peers and are then gathered inside the node
+    (the DDP hook), or go in one all-gather over all processes (Horovod); the cost model follows."""
+    sent_across: int = 0
+    """Bytes this rank has handed to collectives over ranks of other nodes, times the peers each went
+    to (an all-gather of W bytes over g ranks: (g - 1) W), summed over the run (DDP's stage A)."""
     owner_of: dict[str, tuple[tuple[int, int, int], ...]] = field(default_factory=dict)
     """Per parameter, its element ranges and the local rank that holds each one's momentum and
     residual: ``((start, stop, local rank), ...)`` (cleared: every parameter is placed again)."""
@@ -163,6 +178,21 @@ class NodeTopology:
     @property
     def n_nodes(self) -> int:
         return len(self.nodes)
+
+    def cross_members(self, local_rank: int) -> list[int]:
+        """The ranks of local rank ``local_rank`` on every node, in the cross group's rank order
+        (ascending: a process group orders its ranks so)."""
+        return sorted(g[local_rank] for g in self.nodes)
+
+    @property
+    def stage_rows(self) -> list[int]:
+        """Per rank, its message's row in the two-stage gather: stage B stacks the local ranks' stage-A
+        results (by local rank), each holding its cross group's messages in that group's rank order."""
+        order = [r for j in range(self.local_size) for r in self.cross_members(j)]
+        rows = [0] * len(order)
+        for row, rank in enumerate(order):
+            rows[rank] = row
+        return rows
 
     @staticmethod
     def place_of(nodes: list[list[int]], rank: int) -> tuple[int, int]:
@@ -298,16 +328,19 @@ class NodeTopology:
         out[: message.numel()].copy_(message)
         return out
 
-    def decode(self, state: DGCState, shares: list[BucketLayout], gathered: Tensor, width: int, out: Tensor) -> str | None:
+    def decode(self, state: DGCState, shares: list[BucketLayout], gathered: Tensor, width: int, out: Tensor,
+               rows_of: Sequence[int] | None = None) -> str | None:
         """Steps 3-4: sum each share's n messages into ``out`` (float32 work, divided by n); ``gathered``
-        holds every rank's padded message, by rank.  Returns None, or who sent a non-finite gradient
-        (``out`` is then left as it was)."""
+        holds every rank's padded message, by rank, or rank r's in row ``rows_of[r]`` (the two-stage
+        gather's :attr:`stage_rows`).  Returns None, or who sent a non-finite gradient (``out`` is
+        then left as it was)."""
         rows = gathered.view(-1, width)
         views = []
         bad: list[int] = []
         for j, share in enumerate(shares):
             ranks = [g[j] for g in self.nodes]
-            raw = rows[ranks, : share.message_bytes].contiguous().view(-1)
+            at = ranks if rows_of is None else [rows_of[r] for r in ranks]
+            raw = rows[at, : share.message_bytes].contiguous().view(-1)
             views.append(MessageView.of(raw, share, self.n_nodes))
             flags = views[-1].flags.reshape(-1) & FLAG_NONFINITE
             bad += [ranks[i] for i in torch.nonzero(flags).reshape(-1).tolist()]

@@ -1,17 +1,21 @@
-"""``hierarchy="node"`` over torch.distributed (the DDP hook): one process group per node (``intra``), the
-sum of each share onto its owner (through shared memory for CPU tensors, :mod:`dgc.node_shm`, or a
-reduce per share), and the migration's all-reduce inside the node.  Everything else is the
-transport-neutral :class:`dgc.hierarchy.NodeTopology`."""
+"""``hierarchy="node"`` over torch.distributed (the DDP hook): one process group per node (``intra``) and
+one per local rank across the nodes (``cross``), the sum of each share onto its owner (through shared
+memory for CPU tensors, :mod:`dgc.node_shm`, or a reduce per share), the two-stage gather of the share
+messages (stage A across the nodes among peers, stage B inside the node) and the migration's all-reduce
+inside the node.  Everything else is the transport-neutral :class:`dgc.hierarchy.NodeTopology`."""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .codec import Send
 from .hierarchy import (
     NodeTopology,
     check_node_groups,
@@ -23,15 +27,34 @@ from .node_shm import NodeShm, NodeShmUnavailable
 from .state import DGCState
 from .wire import BucketLayout
 
-__all__ = ["TorchNodeTopology"]
+__all__ = ["CrossGather", "TorchNodeTopology"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class CrossGather:
+    """Stage A of one sparse bucket, in flight: this rank's share message gathered from the same local
+    rank of every node."""
+
+    work: dist.Work
+    received: Tensor
+    """``n_nodes`` padded messages, in the cross group's rank order."""
+    width: int
+    """The padded message size W."""
+
+
+def _all_gather(out: Tensor, inp: Tensor, group: dist.ProcessGroup | None, async_op: bool) -> dist.Work | None:
+    # all_gather_single (torch >= 2.10) replaces the deprecated all_gather_into_tensor.
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return gather(out, inp, group=group, async_op=async_op)
 
 
 @dataclass(kw_only=True)
 class TorchNodeTopology(NodeTopology):
     """:class:`~dgc.hierarchy.NodeTopology` with the node's torch.distributed process group."""
 
+    two_stage: bool = True
     group: dist.ProcessGroup | None = None
     """The DGC process group the node ranks refer to (None: the default group)."""
     node_reduce: str = "auto"
@@ -42,22 +65,50 @@ class TorchNodeTopology(NodeTopology):
     @classmethod
     def build(cls, state: DGCState, node_groups: Sequence[Sequence[int]] | None) -> TorchNodeTopology:
         """Check ``node_groups`` (or find the nodes in torchrun's environment) and make one process
-        group per node (a collective call: every rank builds its topology at the same point)."""
+        group per node and one per local rank across the nodes (a collective call: every rank builds
+        its topology at the same point, and creates every group in the same order)."""
         n, rank = state.world_size, state.rank
         nodes = check_node_groups(node_groups if node_groups is not None else node_groups_from_env(n), n)
         group = state.process_group
-        intra = None
-        for members in nodes:  # every rank creates every node's group, in the same order
-            made = dist.new_group([cls._global(group, r) for r in members])
-            if rank in members:
-                intra = made
         node, local = cls.place_of(nodes, rank)
-        return cls(nodes=nodes, node=node, local_rank=local, intra=intra, group=group,
+        intra = [dist.new_group([cls._global(group, r) for r in members]) for members in nodes][node]
+        made = cls(nodes=nodes, node=node, local_rank=local, intra=intra, group=group,
                    node_reduce=state.config.node_reduce)
+        made.cross = [dist.new_group([cls._global(group, r) for r in made.cross_members(j)])
+                      for j in range(made.local_size)][local]
+        return made
 
     @staticmethod
     def _global(group: dist.ProcessGroup | None, rank: int) -> int:
         return rank if group is None else dist.get_global_rank(group, rank)
+
+    # ------------------------------------------------------------------ the two-stage gather
+    def gather_across(self, state: DGCState, send: Send, width: int) -> CrossGather:
+        """Stage A, issued from the bucket's hook call: this rank's share message, padded to ``width``,
+        all-gathered with the same local rank of the other nodes (async; ``n_nodes`` messages arrive)."""
+        message = self.padded(state, send, width)
+        received = state.codec.scratch(send.layout, message.device, "cross", self.n_nodes * width, torch.uint8)
+        work = _all_gather(received, message, self.cross, async_op=True)
+        self.sent_across += (self.n_nodes - 1) * width
+        return CrossGather(work=work, received=received, width=width)
+
+    def gather_inside(self, state: DGCState, send: Send, cross: CrossGather) -> tuple[Tensor, dist.Work]:
+        """Stage B, from the last bucket's hook call (buckets in launch order on every rank): wait for
+        stage A, then all-gather its ``n_nodes`` messages inside the node (blocking; timed for
+        ``policy="auto"``).  Returns all ``N`` messages, rank r's in row ``stage_rows[r]``, and the
+        work (to be held until the next step)."""
+        cross.work.wait()
+        part = cross.received
+        out = state.codec.scratch(send.layout, part.device, "inside", self.local_size * part.numel(),
+                                  torch.uint8)
+        started = time.perf_counter()
+        work = _all_gather(out, part, self.intra, async_op=True)
+        work.wait()
+        if self.local_size > 1:
+            state.policy.observe_inside((self.local_size - 1) * part.numel(), time.perf_counter() - started)
+        # what this rank received: stage A's n messages too (the codec counted stage B's N)
+        state._pending.bytes_received += part.numel()  # the step's figures (DGCState.record)
+        return out, work
 
     def _node_sum(self, t: Tensor, name: str) -> None:
         dist.all_reduce(t, group=self.intra)

@@ -8,8 +8,15 @@ size, and during the warm-up (density 25%) a message is bigger than the gradient
     dense   t = 2 (N-1)/N * B / bw + 2 (N-1) * lat                      (ring allreduce of B bytes)
     sparse  t = (N-1) * M / bw + (N-1) * lat + codec                    (ring allgather of N messages of M bytes)
 
+With ``hierarchy="node"`` (n nodes of L processes) on the DDP hook a sparse group sends this rank's
+share message W (about M / L) across the nodes to its n - 1 peers only, then the node gathers what its
+ranks got (Horovod: the sparse formula with W for M, one all-gather over all processes):
+
+    node    t = (n-1) * W / bw + (n-1) * lat + (L-1) * n * W / bw_in + (L-1) * lat_in + codec
+
 ``bw`` and ``lat`` come from the run: every dense allreduce is a sample (bytes, seconds), fitted by
-least squares; ``codec`` is the measured extra time of encoding and decoding the group sparsely (a short
+least squares; ``bw_in`` and ``lat_in`` likewise from the timed gathers inside the node (until one
+ran, the inter-node link's: an upper bound); ``codec`` is the measured extra time of encoding and decoding the group sparsely (a short
 probe of the selection on the group's size until the group has run sparse).  Rank 0 decides and
 broadcasts one byte per group, so every rank takes the same decision; decisions are re-made every
 ``policy_interval`` steps and whenever the density changes, and logged on rank 0 with both predictions.
@@ -32,7 +39,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from .state import DGCState
 
-__all__ = ["LinkModel", "Policy", "Prediction"]
+__all__ = ["LinkModel", "Policy", "Prediction", "SparseTerms", "gather_inside_s", "predict"]
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +89,37 @@ class Prediction:
         return self.sparse < self.dense
 
 
-def predict(n: int, dense_bytes: int, message_bytes: int, codec_s: float, bw: float, lat: float) -> Prediction:
-    """The cost model of the module docstring, for one group on ``n`` workers."""
+@dataclass(kw_only=True, frozen=True)
+class SparseTerms:
+    """What a group's sparse exchange costs besides the link: its message and who it goes to."""
+
+    message_bytes: int
+    """The message each worker sends (``hierarchy="node"``: the padded share message W)."""
+    codec_s: float
+    """Encoding plus decoding, seconds."""
+    peers: int | None = None
+    """Workers the message is gathered from over the link (None: all N; the node hierarchy: n nodes)."""
+    inside_s: float = 0.0
+    """The node hierarchy's gather inside the node (stage B), seconds."""
+
+
+def predict(n: int, dense_bytes: int, message_bytes: int, codec_s: float, bw: float, lat: float,
+            peers: int | None = None, inside_s: float = 0.0) -> Prediction:
+    """The cost model of the module docstring, for one group on ``n`` workers whose sparse message
+    goes around a ring of ``peers`` (default ``n``; the node hierarchy: the n nodes, plus
+    ``inside_s`` for the gather inside the node)."""
     if n <= 1:
         return Prediction(sparse=codec_s, dense=0.0)
+    ring = n if peers is None else peers
     dense = 2 * (n - 1) / n * dense_bytes / bw + 2 * (n - 1) * lat
-    sparse = (n - 1) * message_bytes / bw + (n - 1) * lat + codec_s
+    sparse = (ring - 1) * message_bytes / bw + (ring - 1) * lat + inside_s + codec_s
     return Prediction(sparse=sparse, dense=dense)
+
+
+def gather_inside_s(n_nodes: int, local: int, share_bytes: float, bw: float, lat: float) -> float:
+    """The node hierarchy's stage B: a ring all-gather inside a node of ``local`` processes of the
+    ``n_nodes`` share messages each got (``(local-1) n W`` through each rank's link)."""
+    return (local - 1) * (n_nodes * share_bytes / bw + lat)
 
 
 class Policy:
@@ -98,6 +129,8 @@ class Policy:
         self.mode = mode
         self.interval = interval
         self.link = LinkModel()
+        self.inside = LinkModel()
+        """``hierarchy="node"``: the node's gathers (stage B), timed where they run."""
         self.decisions: dict[tuple[str, ...], bool] = {}
         self.codec_seconds: dict[tuple[str, ...], float] = {}
         self._probed: dict[tuple[int, int], float] = {}
@@ -118,6 +151,10 @@ class Policy:
         """A dense allreduce of ``payload_bytes`` took ``seconds`` (ring: 2 (N-1)/N of it per worker)."""
         if world_size > 1:
             self.link.observe(2 * (world_size - 1) / world_size * payload_bytes, seconds)
+
+    def observe_inside(self, wire_bytes: int, seconds: float) -> None:
+        """A gather inside the node put ``wire_bytes`` through this rank's link in ``seconds``."""
+        self.inside.observe(wire_bytes, seconds)
 
     def observe_codec(self, names: tuple[str, ...], seconds: float) -> None:
         """Encoding plus decoding the group sparsely took ``seconds`` (beyond what dense costs)."""
@@ -157,8 +194,9 @@ class Policy:
             if not layout.compressed:
                 continue
             dense_bytes = 4 * sum(layout.numels)
-            message_bytes, codec_s = self._sparse_terms(state, names, layout)
-            pred = predict(n, dense_bytes, message_bytes, codec_s, bw, lat)
+            terms = self._sparse_terms(state, names, layout, bw, lat)
+            pred = predict(n, dense_bytes, terms.message_bytes, terms.codec_s, bw, lat, terms.peers,
+                           terms.inside_s)
             out[i] = pred.choose_sparse
             log.info(
                 "DGC policy (step %d): [%s%s] -> %s (predicted sparse %.3f ms, dense %.3f ms; "
@@ -169,20 +207,27 @@ class Policy:
             )
         return out
 
-    def _sparse_terms(self, state: DGCState, names: tuple[str, ...], layout) -> tuple[int, float]:  # noqa: ANN001
-        """Bytes of the message each worker sends for the group, and its codec seconds: the whole
-        group's (flat), or, ``hierarchy="node"``, the largest share's (every share is padded to it;
-        element shards cut to balance the messages, :mod:`dgc.hierarchy_shards`), with the codec time of
-        this rank's share (the dense intra-node reduce costs the same either way, so it leaves the
-        choice alone)."""
+    def _sparse_terms(self, state: DGCState, names: tuple[str, ...], layout,  # noqa: ANN001
+                      bw: float, lat: float) -> SparseTerms:
+        """The group's message and codec seconds: the whole group's (flat), or, ``hierarchy="node"``,
+        the largest share's message (every share is padded to it; element shards cut to balance the
+        messages, :mod:`dgc.hierarchy_shards`) gathered across the n nodes, then inside the node (at
+        the timed rate of those gathers, else at ``bw``, ``lat``; Horovod: over all processes), with the codec time of this rank's
+        share (the dense intra-node reduce costs the same either way, so it leaves the choice alone)."""
         if self.topology is None:
-            return layout.message_bytes, self._codec_cost(state, names, layout)
-        shares = self.topology.plan(state, layout)
+            return SparseTerms(message_bytes=layout.message_bytes, codec_s=self._codec_cost(state, names, layout))
+        topo = self.topology
+        shares = topo.plan(state, layout)
         widest = max(shares, key=lambda s: s.message_bytes)
-        mine = shares[self.topology.local_rank]
+        mine = shares[topo.local_rank]
         measured = self.codec_seconds.get(mine.names)
         codec_s = measured if measured is not None else self._codec_cost(state, widest.names, widest)
-        return widest.message_bytes, codec_s
+        if not topo.two_stage:  # one all-gather over all processes
+            return SparseTerms(message_bytes=widest.message_bytes, codec_s=codec_s)
+        bw_in, lat_in = self.inside.fit() if self.inside.measured else (bw, lat)
+        inside_s = gather_inside_s(topo.n_nodes, topo.local_size, widest.message_bytes, bw_in, lat_in)
+        return SparseTerms(message_bytes=widest.message_bytes, codec_s=codec_s, peers=topo.n_nodes,
+                           inside_s=inside_s)
 
     def _codec_cost(self, state: DGCState, names: tuple[str, ...], layout) -> float:  # noqa: ANN001
         """Measured sparse codec seconds of the group, else a probe of the selection on its size."""

@@ -149,15 +149,16 @@ def _pieces(state: dgc.DGCState) -> list[str]:
     return sorted({n for key in state.codec._layouts for n in key[0] if state.piece_of(n)})
 
 
-def hierarchy(rank: int, world: int, cfg: dict, steps: int = 4, model: str = "toy") -> dict:
-    """The same training flat and with hierarchy="node" (2 simulated nodes of 2 ranks)."""
+def hierarchy(rank: int, world: int, cfg: dict, steps: int = 4, model: str = "toy",
+              nodes: list[list[int]] | None = None) -> dict:
+    """The same training flat and with hierarchy="node" (simulated ``nodes``; default 2 nodes of 2)."""
     out = {}
     for mode in ("flat", "node"):
         torch.manual_seed(0)
         ddp = DDP(MODELS[model](), bucket_cap_mb=0.001)  # a bucket per tensor
         opt = dgc.DGCSGD(ddp.parameters(), lr=0.05)
         config = dgc.DGCConfig(**cfg, hierarchy=mode)
-        state = dgc.register(ddp, opt, config, node_groups=NODES if mode == "node" else None)
+        state = dgc.register(ddp, opt, config, node_groups=(nodes or NODES) if mode == "node" else None)
         received = 0
         for (x, y), in _data(rank, steps, 1):
             opt.zero_grad()

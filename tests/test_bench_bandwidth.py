@@ -299,8 +299,11 @@ def test_cost_model_step_prediction_is_the_library_formula() -> None:
     assert p["dense"] == pytest.approx(0.1 + lib.dense)
     assert p["sparse"] == pytest.approx(0.1 + lib.sparse) == pytest.approx(0.1 + 3 * 0.0032 + 3e-4 + 0.05)
     assert p["auto"] == min(p["dense"], p["sparse"]) and p["auto_choice"] == "sparse"
-    # node: intra-node allreduce of the whole gradient + the share messages, half the codec
-    assert p["node"] == pytest.approx(0.1 + 0.08 + 3 * 210_000 * 8 / 1e9 + 3e-4 + 0.025)
+    # node: intra-node allreduce of the whole gradient, the share message across to the other node
+    # only ((n-1) W, one hop), the gather inside the node of the n W each rank got, half the codec
+    across = 1 * 210_000 * 8 / 1e9 + 1e-4
+    inside = 1 * 2 * 210_000 * 8 / 1e10
+    assert p["node"] == pytest.approx(0.1 + 0.08 + across + inside + 0.025)
 
 
 def _message_bytes(numels: list[int], ks: list[int]) -> int:

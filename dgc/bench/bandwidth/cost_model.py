@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from dgc.policy import predict
+from dgc.policy import gather_inside_s, predict
 
 __all__ = ["GATHER_METHODS", "Network", "Traffic", "break_even", "copies", "copies_of_method",
            "cross", "estimate_s", "least_wire_bytes", "predict_step", "ring_allreduce_s"]
@@ -150,12 +150,18 @@ def predict_step(net: Network, traffic: Traffic) -> dict[str, float]:
     """Predicted step seconds of ``dense``, flat ``sparse``, ``auto`` (the faster of the two, as
     ``policy="auto"`` chooses) and ``node`` (``hierarchy="node"``, sparse): the library's cost
     model (:func:`dgc.policy.predict`, per step instead of per bucket) plus the rest of the step.
-    On a single node every link is the intra-node one."""
-    n = net.processes
-    bw = (net.intra_bit_s if n <= net.procs_per_node else net.link_bit_s) / 8
+    ``node``: the dense intra-node stage (a ring allreduce's time, an upper bound for the reduce onto
+    the owners), the share message W gathered across the n nodes (``(n-1) W`` through the link), the
+    gather inside the node of the ``n W`` each rank got (:func:`dgc.policy.gather_inside_s`, no
+    latency inside) and an L-th of the codec.  On a single node every link is the intra-node one."""
+    n, local = net.processes, net.procs_per_node
+    bw = (net.intra_bit_s if n <= local else net.link_bit_s) / 8
     flat = predict(n, traffic.dense, traffic.message, net.codec_s, bw, net.latency_s)
-    intra = ring_allreduce_s(traffic.dense, net.procs_per_node, net.intra_bit_s, 0.0)
-    node = predict(n, traffic.dense, traffic.share, net.codec_s / net.procs_per_node, bw, net.latency_s)
+    intra = ring_allreduce_s(traffic.dense, local, net.intra_bit_s, 0.0)
+    nodes = max(1, n // local)
+    inside = gather_inside_s(nodes, min(local, n), traffic.share, net.intra_bit_s / 8, 0.0)
+    node = predict(n, traffic.dense, traffic.share, net.codec_s / local, bw, net.latency_s,
+                   peers=nodes, inside_s=inside)
     return {
         "dense": net.local_s + flat.dense,
         "sparse": net.local_s + flat.sparse,

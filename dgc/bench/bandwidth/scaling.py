@@ -6,7 +6,8 @@ dense allreduce, flat sparse DGC, ``policy="auto"``'s choice between them, and `
 per GPU count and link rate (:func:`~.cost_model.predict_step`).  Message sizes are not estimated:
 they are the codec's own wire layouts (:class:`dgc.wire.BucketLayout`) of DDP-like buckets, and for
 the node hierarchy the padded share messages of :class:`dgc.hierarchy.NodeTopology`'s split (element
-shards cut to balance the messages, :mod:`dgc.hierarchy_shards`).
+shards cut to balance the messages, :mod:`dgc.hierarchy_shards`), which cross the nodes among peers
+((n-1) W through the link per rank) and are then gathered inside the node.
 The codec and compute times are assumptions given on the command line (docs/policy.md states them).
 """
 
