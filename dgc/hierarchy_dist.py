@@ -107,7 +107,7 @@ class TorchNodeTopology(NodeTopology):
         if self.local_size > 1:
             state.policy.observe_inside((self.local_size - 1) * part.numel(), time.perf_counter() - started)
         # what this rank received: stage A's n messages too (the codec counted stage B's N)
-        state._pending.bytes_received += part.numel()  # the step's figures (DGCState.record)
+        state.record_received(part.numel())
         return out, work
 
     def _node_sum(self, t: Tensor, name: str) -> None:

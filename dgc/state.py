@@ -391,6 +391,11 @@ class DGCState:
                 s.dense_buckets,
             )
 
+    def record_received(self, nbytes: int) -> None:
+        """Add ``nbytes`` more received bytes to the current step's stats (a collective beside the codec's
+        own, e.g. ``hierarchy="node"``'s exchange across the nodes before the gather inside)."""
+        self._pending.bytes_received += int(nbytes)
+
     def record(self, *, sparse: bool, **figures: int) -> None:
         """Add a bucket's traffic to the current step's stats (``sparse``: it went through allgather)."""
         self._pending.add(**figures)
