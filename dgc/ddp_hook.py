@@ -8,15 +8,16 @@ gradients, not yet divided by the world size):
               dense bucket, the momentum-corrected payload into the buffer) and counts the traffic;
     Step III  launch ONE collective from the hook call itself: ``all_gather_single`` of the messages or
               ``all_reduce`` of the payload (``hierarchy="node"``, sparse: stage A, the share message
-              gathered across the nodes among the same local ranks).  Never from a ``Future.then``
-              callback: callbacks of different buckets run in different orders on different ranks,
-              and gloo then pairs the wrong messages (docs/algorithm.md#collectives-from-the-hook-call);
-    Step IV   in the callback, the codec decodes everybody's contribution into the buffer (the average),
-              and the bucket settles in the step's ledger (docs/architecture.md);
-    Step V    the last bucket's call finishes the node-sparse buckets in launch order (wait for stage A,
-              stage B: gather inside the node, then Step IV) and waits for the whole step: a failed step
-              is undone everywhere, not counted, leaves the same gradients on every rank and raises from
-              ``backward()``.
+              gathered across the nodes among the same local ranks; its stage B, the gather inside the
+              node, is issued from a later hook call once stage A has arrived, buckets in launch order:
+              :meth:`~dgc.ddp_session.DDPSession.pump`).  Never from a ``Future.then`` callback:
+              callbacks of different buckets run in different orders on different ranks, and gloo then
+              pairs the wrong messages (docs/algorithm.md#collectives-from-the-hook-call);
+    Step IV   in the callback (node-sparse: stage B's), the codec decodes everybody's contribution into
+              the buffer (the average), and the bucket settles in the step's ledger (docs/architecture.md);
+    Step V    the last bucket's call issues the stage Bs left (waiting for their stage A, in launch
+              order) and waits for the whole step: a failed step is undone everywhere, not counted,
+              leaves the same gradients on every rank and raises from ``backward()``.
 
 At the first call (and after every ``load_state_dict``) the ranks compare what must match
 (:mod:`dgc.agreement`).
@@ -29,6 +30,8 @@ bucket's sent values back into the residuals, and the last bucket's call raises 
 
 import functools
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -54,6 +57,7 @@ def ddp_comm_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Fut
         state.agreed = True
     session.begin(state, names, buffer)  # synchronized micro-batches replayed
     ledger = session.ledger(state.step)
+    session.pump()  # hierarchy="node": stage B of the earlier buckets whose stage A has arrived
     session.maybe_decide(state, ledger)  # policy="auto": sparse or dense, per bucket
     layout = state.codec.layout(names)
     ledger.launch(last=bucket.is_last())  # before the collective: its callback may run at once
@@ -76,17 +80,22 @@ def ddp_comm_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Fut
 
     # Step III
     group, n = state.process_group, state.world_size
-    if send.sparse and topo is not None:  # stage A now, stage B from Step V
+    if send.sparse and topo is not None:  # stage A now, stage B once it has arrived (session.pump)
         cross = topo.gather_across(state, send, width)
 
-        def finish_node() -> list[dist.Work]:
-            gathered, work = topo.gather_inside(state, send, cross)
-            arrived = time.perf_counter()
-            failed = topo.decode(state, shares, gathered, width, buffer, topo.stage_rows)
-            settle(failed, arrived)
-            return [work]
+        def stage_b() -> tuple[dist.Work, Callable[[Any], Tensor]]:  # from a later hook call
+            inside = topo.gather_inside(state, send, cross)
 
-        fut = session.defer(send, cross.work, finish_node)
+            def finish_node(fut: torch.futures.Future[list[Tensor]]) -> Tensor:  # Step IV
+                fut.wait()
+                arrived = time.perf_counter()
+                topo.inside_arrived(state, inside, arrived)
+                settle(topo.decode(state, shares, inside.gathered, width, buffer, topo.stage_rows), arrived)
+                return buffer
+
+            return inside.work, finish_node
+
+        fut = session.defer(send, cross.work, stage_b)
     else:
         if send.sparse:
             received = state.codec.scratch(layout, buffer.device, "gathered", n * width, torch.uint8)

@@ -76,13 +76,17 @@ class Flight:
 @dataclass
 class Deferred:
     """A ``hierarchy="node"`` sparse bucket of this step: its stage A is in flight (issued from its hook
-    call); the last bucket's call finishes it (:meth:`DDPSession.finish_step`), in launch order."""
+    call); :meth:`DDPSession.pump` issues its stage B once stage A has arrived, in launch order."""
 
     send: Send
-    finish: Callable[[], list[dist.Work]]
-    """Stage B, decode and settle (on the calling thread); returns the works to hold until the next step."""
+    stage_a: dist.Work
+    """Stage A (held until the next step)."""
+    issue: Callable[[], tuple[dist.Work, Callable[[Any], Any]]]
+    """Issues stage B (on the calling thread, a hook call); returns its work and the callback that
+    decodes and settles the bucket (Step IV, on a gloo thread, issues no collective)."""
     future: torch.futures.Future[Any]
-    """What DDP waits for: completed with the bucket's buffer once ``finish`` ran."""
+    """What DDP waits for: completed with the bucket's buffer by the last bucket's call, once every
+    stage B of the step has been decoded."""
 
 
 class _DropSignal:
@@ -145,6 +149,9 @@ class DDPSession:
         self._optimizer_hook: Any = None
         self._flights: list[Flight] = []
         self._deferred: list[Deferred] = []
+        """This step's node-sparse buckets, in launch order."""
+        self._issued = 0
+        """How many of them have their stage B issued (always a prefix: :meth:`pump`)."""
         self._launched: list[Send] = []
         """This step's groups in launch order (the same on every rank)."""
         self._works: list[dist.Work] = []
@@ -198,23 +205,49 @@ class DDPSession:
     ) -> torch.futures.Future[Any]:
         """``work.get_future().then(callback)`` for a bucket's communication, tracked until the last
         bucket's call: the future to hand DDP."""
+        self._launched.append(send)
+        return self._then(send, work, callback)
+
+    def _then(self, send: Send, work: dist.Work, callback: Callable[[Any], Any]) -> torch.futures.Future[Any]:
         released = threading.Event()
         fut = work.get_future().then(_DropSignal(callback, released))  # torch: the only reference
         self._flights.append(Flight(send, work, fut, released))
-        self._launched.append(send)
         return fut
 
     def defer(
-        self, send: Send, work: dist.Work, finish: Callable[[], list[dist.Work]]
+        self, send: Send, stage_a: dist.Work, issue: Callable[[], tuple[dist.Work, Callable[[Any], Any]]]
     ) -> torch.futures.Future[Any]:
-        """A bucket whose collectives go on after its hook call (``hierarchy="node"``'s stage B): ``work``
-        (stage A) is held until the next step, ``finish`` runs from the last bucket's call; returns
-        the future to hand DDP (completed with the buffer there)."""
+        """A bucket whose collectives go on after its hook call (``hierarchy="node"``'s stage B):
+        ``stage_a`` is held until the next step, ``issue`` runs from a later hook call (:meth:`pump`) or
+        the last bucket's (:meth:`finish_step`); returns the future to hand DDP (completed with the
+        buffer there)."""
         fut: torch.futures.Future[Any] = torch.futures.Future()
-        self._deferred.append(Deferred(send, finish, fut))
+        self._deferred.append(Deferred(send, stage_a, issue, fut))
         self._launched.append(send)
-        self._works.append(work)
+        self._works.append(stage_a)
         return fut
+
+    def pump(self, *, wait: bool = False) -> None:
+        """Issue stage B of the deferred buckets whose stage A has arrived, in launch order, stopping at
+        the first one still in flight (``wait``: wait for each instead, from the last bucket's call).
+
+        Called from every hook call (the main thread).  When a rank gets to a bucket depends on its own
+        stage A and on how far its backward has run, so the issue TIMES of a stage B differ between the
+        ranks of a node; its ORDER cannot: every rank issues stage B for the node-sparse buckets
+        0, 1, 2, ... of the step (launch order, the same on every rank) and nothing else on the stage-B
+        group, so the k-th gather on that group is bucket k's on every rank, whenever it is issued (a
+        bucket is never skipped: a later one waits behind an earlier one still in flight)."""
+        try:
+            while self._issued < len(self._deferred):
+                item = self._deferred[self._issued]
+                if not wait and not item.stage_a.is_completed():
+                    return
+                work, callback = item.issue()
+                self._issued += 1
+                self._then(item.send, work, callback)
+        except BaseException as exc:
+            self._fail_deferred(exc)
+            raise
 
     def ledger(self, step: int) -> StepLedger:
         """The :class:`~dgc.ledger.StepLedger` of communication step ``step``."""
@@ -226,6 +259,7 @@ class DDPSession:
             self._sends = []
             self._flights.clear()
             self._deferred.clear()
+            self._issued = 0
             self._launched = []
             self._works = []  # the last step's: its collectives are long over
         return self._ledger
@@ -253,32 +287,33 @@ class DDPSession:
         self._last_done = now - decode_s
 
     def finish_step(self) -> list[str]:
-        """From the last bucket's hook call: wait until every bucket of the step has settled, and until
-        the gloo threads have dropped every callback (so that none is left to take the GIL at exit), and
-        return the failures (empty when the step arrived everywhere)."""
+        """From the last bucket's hook call: issue the remaining stage Bs (:meth:`pump`), wait until every
+        bucket of the step has settled, and until the gloo threads have dropped every callback (so that
+        none is left to take the GIL at exit), and return the failures (empty when the step arrived
+        everywhere)."""
         try:
-            self._finish_deferred()
+            self.pump(wait=True)
             for flight in self._flights:
                 flight.future.wait()
+        except BaseException as exc:
+            self._fail_deferred(exc)  # DDP must not wait forever on the deferred buckets
+            raise
         finally:  # also when a callback raised: its disposal still takes the GIL
             self._await_release()
+        for item in self._deferred:
+            item.future.set_result(item.send.buffer)
         self._sends = list(self._launched)
         self._works += [flight.work for flight in self._flights]  # the step's, dropped at the next
         self._flights.clear()
+        self._deferred.clear()
+        self._issued = 0
         return list(self._ledger.failures) if self._ledger is not None else []
 
-    def _finish_deferred(self) -> None:
-        """The deferred buckets' second stage, in launch order (every rank issues the same collectives
-        in the same order), each future completed (with the buffer, or the error) as it is done."""
-        deferred, self._deferred = self._deferred, []
-        for i, item in enumerate(deferred):
-            try:
-                self._works += item.finish()
-            except BaseException as exc:
-                for rest in deferred[i:]:  # DDP must not wait forever on the others
-                    rest.future.set_exception(exc)
-                raise
-            item.future.set_result(item.send.buffer)
+    def _fail_deferred(self, exc: BaseException) -> None:
+        """Hand ``exc`` to every deferred bucket's future not completed yet."""
+        for item in self._deferred:
+            if not item.future.done():
+                item.future.set_exception(exc)
 
     def _await_release(self) -> None:
         late = sum(not flight.released.wait(_RELEASE_WAIT_S) for flight in self._flights)

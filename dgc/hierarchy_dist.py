@@ -1,5 +1,5 @@
-"""``hierarchy="node"`` over torch.distributed (the DDP hook): one process group per node (``intra``) and
-one per local rank across the nodes (``cross``), the sum of each share onto its owner (through shared
+"""``hierarchy="node"`` over torch.distributed (the DDP hook): one process group per node (``intra``), one
+per local rank across the nodes (``cross``) and one more per node for stage B alone (``inside``), the sum of each share onto its owner (through shared
 memory for CPU tensors, :mod:`dgc.node_shm`, or a reduce per share), the two-stage gather of the share
 messages (stage A across the nodes among peers, stage B inside the node) and the migration's all-reduce
 inside the node.  Everything else is the transport-neutral :class:`dgc.hierarchy.NodeTopology`."""
@@ -27,7 +27,7 @@ from .node_shm import NodeShm, NodeShmUnavailable
 from .state import DGCState
 from .wire import BucketLayout
 
-__all__ = ["CrossGather", "TorchNodeTopology"]
+__all__ = ["CrossGather", "InsideGather", "TorchNodeTopology"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,18 @@ class CrossGather:
     """``n_nodes`` padded messages, in the cross group's rank order."""
     width: int
     """The padded message size W."""
+
+
+@dataclass(kw_only=True)
+class InsideGather:
+    """Stage B of one sparse bucket, in flight: stage A's ``n_nodes`` messages all-gathered inside the
+    node."""
+
+    work: dist.Work
+    gathered: Tensor
+    """All ``N`` padded messages, rank r's in row :attr:`~dgc.hierarchy.NodeTopology.stage_rows` ``[r]``."""
+    issued: float
+    """``time.perf_counter()`` when stage B was issued (``policy="auto"`` times the gather inside)."""
 
 
 def _all_gather(out: Tensor, inp: Tensor, group: dist.ProcessGroup | None, async_op: bool) -> dist.Work | None:
@@ -59,14 +71,24 @@ class TorchNodeTopology(NodeTopology):
     """The DGC process group the node ranks refer to (None: the default group)."""
     node_reduce: str = "auto"
     """``DGCConfig.node_reduce``: how the shares are summed inside the node."""
+    inside: dist.ProcessGroup | None = None
+    """This node's process group for stage B only: nothing else (the shared-memory stage's barrier, the
+    migration's sum, which use ``intra``) is ever interleaved with the stage-B gathers on it, so the
+    stage-B sequence on it is the same on every rank of the node whenever each rank issues it."""
+    across_issued: int = 0
+    """Stage A gathers issued so far (over the run)."""
+    inside_issued_after: list[int] = field(default_factory=list)
+    """Per stage B issued (over the run, in order), :attr:`across_issued` at that moment: a stage B
+    issued before the step's last sparse bucket's stage A shows that it left the last hook call."""
     _shm: NodeShm | None = field(default=None, repr=False)
     _shm_decided: bool = field(default=False, repr=False)
 
     @classmethod
     def build(cls, state: DGCState, node_groups: Sequence[Sequence[int]] | None) -> TorchNodeTopology:
         """Check ``node_groups`` (or find the nodes in torchrun's environment) and make one process
-        group per node and one per local rank across the nodes (a collective call: every rank builds
-        its topology at the same point, and creates every group in the same order)."""
+        group per node, one per local rank across the nodes and one more per node for stage B (a
+        collective call: every rank builds its topology at the same point, and creates every group in
+        the same order)."""
         n, rank = state.world_size, state.rank
         nodes = check_node_groups(node_groups if node_groups is not None else node_groups_from_env(n), n)
         group = state.process_group
@@ -76,6 +98,7 @@ class TorchNodeTopology(NodeTopology):
                    node_reduce=state.config.node_reduce)
         made.cross = [dist.new_group([cls._global(group, r) for r in made.cross_members(j)])
                       for j in range(made.local_size)][local]
+        made.inside = [dist.new_group([cls._global(group, r) for r in members]) for members in nodes][node]
         return made
 
     @staticmethod
@@ -90,25 +113,29 @@ class TorchNodeTopology(NodeTopology):
         received = state.codec.scratch(send.layout, message.device, "cross", self.n_nodes * width, torch.uint8)
         work = _all_gather(received, message, self.cross, async_op=True)
         self.sent_across += (self.n_nodes - 1) * width
+        self.across_issued += 1
         return CrossGather(work=work, received=received, width=width)
 
-    def gather_inside(self, state: DGCState, send: Send, cross: CrossGather) -> tuple[Tensor, dist.Work]:
-        """Stage B, from the last bucket's hook call (buckets in launch order on every rank): wait for
-        stage A, then all-gather its ``n_nodes`` messages inside the node (blocking; timed for
-        ``policy="auto"``).  Returns all ``N`` messages, rank r's in row ``stage_rows[r]``, and the
-        work (to be held until the next step)."""
-        cross.work.wait()
+    def gather_inside(self, state: DGCState, send: Send, cross: CrossGather) -> InsideGather:
+        """Stage B, issued by :meth:`dgc.ddp_session.DDPSession.pump` once stage A has arrived (buckets
+        in launch order on every rank): all-gather stage A's ``n_nodes`` messages inside the node, on
+        the stage-B group (async; the caller decodes in its callback)."""
+        cross.work.wait()  # arrived already, unless the last bucket's call finishes the step
         part = cross.received
         out = state.codec.scratch(send.layout, part.device, "inside", self.local_size * part.numel(),
                                   torch.uint8)
-        started = time.perf_counter()
-        work = _all_gather(out, part, self.intra, async_op=True)
-        work.wait()
-        if self.local_size > 1:
-            state.policy.observe_inside((self.local_size - 1) * part.numel(), time.perf_counter() - started)
+        self.inside_issued_after.append(self.across_issued)
+        issued = time.perf_counter()
+        work = _all_gather(out, part, self.inside, async_op=True)
         # what this rank received: stage A's n messages too (the codec counted stage B's N)
         state.record_received(part.numel())
-        return out, work
+        return InsideGather(work=work, gathered=out, issued=issued)
+
+    def inside_arrived(self, state: DGCState, inside: InsideGather, arrived: float) -> None:
+        """Stage B has arrived (its callback): time it from its issue for ``policy="auto"``."""
+        if self.local_size > 1:
+            wire = (self.local_size - 1) * inside.gathered.numel() // self.local_size
+            state.policy.observe_inside(wire, arrived - inside.issued)
 
     def _node_sum(self, t: Tensor, name: str) -> None:
         dist.all_reduce(t, group=self.intra)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _dist import run_distributed
-from node_exchange_workers import two_stage
+from node_exchange_workers import early_inside, two_stage
 from reliability_workers import hierarchy
 
 pytestmark = pytest.mark.timeout(300)
@@ -43,3 +43,22 @@ def test_six_processes_equal_flat_at_density_1(nodes: list[list[int]]) -> None:
     for r in results[1:]:
         for n, p in results[0]["node"].items():
             assert torch.equal(p, r["node"][n])
+
+
+def test_stage_b_is_issued_from_a_hook_call_once_stage_a_has_arrived() -> None:
+    # Hook calls 0.2 s apart: each bucket's stage A has arrived by the next call, which must issue its
+    # stage B there (decoded in its callback while the backward goes on), not from the last call.
+    results = run_distributed(early_inside, 4, [[0, 1], [2, 3]], 4, 0.2, timeout=240)
+    for rank, r in enumerate(results):
+        early = 0
+        for s, ((before, after), inside) in enumerate(zip(r["across"], r["inside_after"], strict=True)):
+            assert len(inside) == after - before, (rank, s, r["across"], r["inside_after"])  # one B per A
+            assert inside == sorted(inside) and all(before < a <= after for a in inside), (rank, s, inside)
+            # issued before the step's last sparse bucket's hook call began (its pump sees after - 1)
+            early += sum(a < after - 1 for a in inside)
+        assert sum(after - before >= 3 for before, after in r["across"][1:]) == 3, r["across"]
+        assert early >= 3, (rank, r["inside_after"])  # at least one per sparse step
+    for r in results[1:]:
+        for n, p in results[0]["params"].items():
+            assert torch.isfinite(p).all()
+            assert torch.equal(p, r["params"][n])
