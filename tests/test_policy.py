@@ -96,15 +96,21 @@ def test_node_hierarchy_can_turn_a_dense_choice_sparse():
         assert bool(state.policy._choose(state, [NAMES])[0]) is sparse, topology
 
 
-def test_node_prediction_is_the_cross_ring_plus_the_gather_inside():
-    """8 workers, 2 nodes of 4: the share message W goes to the other node only ((n-1) W on the link),
-    then the node gathers the n W each rank got, at the timed rate inside the node once measured (at
-    the link's before: an upper bound)."""
+def _two_nodes_of_four():  # noqa: ANN202
+    """8 workers in 2 nodes of 4 exchanging in two stages: the state, topology, group layout and the
+    widest share message W."""
     state = _state(world=8, density=0.05)
     topo = _node_topology(8, 4, two_stage=True)
     state.policy.topology = topo
     layout = state.codec.layout(NAMES, sparse=True)
-    width = max(s.message_bytes for s in topo.plan(state, layout))
+    return state, topo, layout, max(s.message_bytes for s in topo.plan(state, layout))
+
+
+def test_node_prediction_is_the_cross_ring_plus_the_gather_inside():
+    """8 workers, 2 nodes of 4: the share message W goes to the other node only ((n-1) W on the link),
+    then the node gathers the n W each rank got, at the timed rate inside the node once measured (at
+    the link's before: an upper bound)."""
+    state, topo, layout, width = _two_nodes_of_four()
     bw, lat = 1.25e8, 1e-4
     terms = state.policy._sparse_terms(state, NAMES, layout, bw, lat)
     assert (terms.message_bytes, terms.peers) == (width, 2)
@@ -126,11 +132,7 @@ def test_a_fast_node_turns_the_node_choice_sparse():
     between the two."""
     choices = []
     for fast in (False, True):
-        state = _state(world=8, density=0.05)
-        topo = _node_topology(8, 4, two_stage=True)
-        state.policy.topology = topo
-        layout = state.codec.layout(NAMES, sparse=True)
-        width = max(s.message_bytes for s in topo.plan(state, layout))
+        state, topo, layout, width = _two_nodes_of_four()
         bw, lat = 1.25e8, 1e-6
         _link(state, bw, lat)
         dense = predict(8, 4 * sum(layout.numels), width, 0.0, bw, lat).dense
