@@ -40,6 +40,7 @@ from torch import Tensor
 from .agreement import check_agreement, fingerprint
 from .ddp_session import DDPSession, hook_without_python_tls
 from .errors import NonFiniteGradientError
+from .hierarchy_dist import all_gather_async
 from .state import DGCState
 
 __all__ = ["ddp_comm_hook"]
@@ -99,7 +100,7 @@ def ddp_comm_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Fut
     else:
         if send.sparse:
             received = state.codec.scratch(layout, buffer.device, "gathered", n * width, torch.uint8)
-            work = _all_gather(received, send.message, group)
+            work = all_gather_async(received, send.message, group)
         else:
             received = send.payload if topo is None else send.payload.div_(topo.n_nodes)  # flat: divided by N
             work = dist.all_reduce(received, group=group, async_op=True)
@@ -129,12 +130,6 @@ def _gather_objects(group: dist.ProcessGroup | None):  # noqa: ANN202
         return out
 
     return gather
-
-
-def _all_gather(out: Tensor, inp: Tensor, group: dist.ProcessGroup | None) -> dist.Work:
-    # all_gather_single (torch >= 2.10) replaces the deprecated all_gather_into_tensor.
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    return gather(out, inp, group=group, async_op=True)
 
 
 def _fail(state: DGCState, session: DDPSession, failures: list[str], names: tuple[str, ...]) -> None:

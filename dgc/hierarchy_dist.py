@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -27,7 +28,7 @@ from .node_shm import NodeShm, NodeShmUnavailable
 from .state import DGCState
 from .wire import BucketLayout
 
-__all__ = ["CrossGather", "InsideGather", "TorchNodeTopology"]
+__all__ = ["CrossGather", "InsideGather", "TorchNodeTopology", "all_gather_async"]
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +57,11 @@ class InsideGather:
     """``time.perf_counter()`` when stage B was issued (``policy="auto"`` times the gather inside)."""
 
 
-def _all_gather(out: Tensor, inp: Tensor, group: dist.ProcessGroup | None, async_op: bool) -> dist.Work | None:
+def all_gather_async(out: Tensor, inp: Tensor, group: dist.ProcessGroup | None) -> dist.Work:
+    """``inp`` of every rank of ``group`` into ``out``, back to back (async; the DDP hook's gathers too)."""
     # all_gather_single (torch >= 2.10) replaces the deprecated all_gather_into_tensor.
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    return gather(out, inp, group=group, async_op=async_op)
+    return gather(out, inp, group=group, async_op=True)
 
 
 @dataclass(kw_only=True)
@@ -77,8 +79,8 @@ class TorchNodeTopology(NodeTopology):
     stage-B sequence on it is the same on every rank of the node whenever each rank issues it."""
     across_issued: int = 0
     """Stage A gathers issued so far (over the run)."""
-    inside_issued_after: list[int] = field(default_factory=list)
-    """Per stage B issued (over the run, in order), :attr:`across_issued` at that moment: a stage B
+    inside_issued_after: deque[int] = field(default_factory=lambda: deque(maxlen=256))
+    """Per stage B issued (the last 256, in order), :attr:`across_issued` at that moment: a stage B
     issued before the step's last sparse bucket's stage A shows that it left the last hook call."""
     _shm: NodeShm | None = field(default=None, repr=False)
     _shm_decided: bool = field(default=False, repr=False)
@@ -111,7 +113,7 @@ class TorchNodeTopology(NodeTopology):
         all-gathered with the same local rank of the other nodes (async; ``n_nodes`` messages arrive)."""
         message = self.padded(state, send, width)
         received = state.codec.scratch(send.layout, message.device, "cross", self.n_nodes * width, torch.uint8)
-        work = _all_gather(received, message, self.cross, async_op=True)
+        work = all_gather_async(received, message, self.cross)
         self.sent_across += (self.n_nodes - 1) * width
         self.across_issued += 1
         return CrossGather(work=work, received=received, width=width)
@@ -126,7 +128,7 @@ class TorchNodeTopology(NodeTopology):
                                   torch.uint8)
         self.inside_issued_after.append(self.across_issued)
         issued = time.perf_counter()
-        work = _all_gather(out, part, self.inside, async_op=True)
+        work = all_gather_async(out, part, self.inside)
         # what this rank received: stage A's n messages too (the codec counted stage B's N)
         state.record_received(part.numel())
         return InsideGather(work=work, gathered=out, issued=issued)

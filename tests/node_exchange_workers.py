@@ -152,7 +152,7 @@ def early_inside(rank: int, world: int, nodes: list[list[int]], steps: int = 4, 
         opt.step()
         topo = state.transport._topology
         out["across"].append((seen_across, topo.across_issued))
-        out["inside_after"].append(topo.inside_issued_after[seen_inside:])
+        out["inside_after"].append(list(topo.inside_issued_after)[seen_inside:])
         seen_across, seen_inside = topo.across_issued, len(topo.inside_issued_after)
     out["params"] = {n: p.detach().clone() for n, p in ddp.module.named_parameters()}
     return out
