@@ -31,6 +31,7 @@ bucket's sent values back into the residuals, and the last bucket's call raises 
 import functools
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,10 +39,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .agreement import check_agreement, fingerprint
+from .codec import Send
 from .ddp_session import DDPSession, hook_without_python_tls
 from .errors import NonFiniteGradientError
-from .hierarchy_dist import all_gather_async
+from .hierarchy_dist import TorchNodeTopology, all_gather_async
+from .ledger import StepLedger
 from .state import DGCState
+from .wire import BucketLayout
 
 __all__ = ["ddp_comm_hook"]
 
@@ -63,56 +67,25 @@ def ddp_comm_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Fut
     layout = state.codec.layout(names)
     ledger.launch(last=bucket.is_last())  # before the collective: its callback may run at once
     # Step II
-    started = time.perf_counter()
     topo = session.topology(state)  # hierarchy="node": dense in the node, DGC on this rank's share
-    if topo is None:
-        send = state.codec.encode(layout, buffer, track=state.track_sent, divide=state.world_size)
-        shares, width = None, layout.message_bytes
+    posted = None if topo is None else topo.post(state, layout, buffer)
+    if posted is not None:  # a sparse CPU bucket: summed, encoded and launched once the node has posted it
+        def run() -> None:
+            started = time.perf_counter()
+            send, shares, width = topo.complete(state, layout, posted, buffer)
+            _launch(Launch(state, session, topo, send, shares, width, names, buffer, ledger, started), fut)
+
+        fut = session.post(functools.partial(topo.ready, posted), run)
+        session.complete_posted(wait=False)  # the earlier buckets, and this one if the node has posted it
     else:
-        send, shares, width = topo.encode(state, layout, buffer)
-    encoded = time.perf_counter()
-    session.note(send)
-    def settle(failed: str | None, arrived: float) -> None:  # Step IV's end (defined before the
-        if not failed:                                        # collective: its callback may run at once)
-            session.micro.after_decode(state, names, buffer)
-            session.observe(state, send, encoded, encoded - started, time.perf_counter() - arrived)
-        ledger.settle(failed=failed, commit=functools.partial(send.commit, state),
-                      undo=functools.partial(send.undo, state))
-
-    # Step III
-    group, n = state.process_group, state.world_size
-    if send.sparse and topo is not None:  # stage A now, stage B once it has arrived (session.pump)
-        cross = topo.gather_across(state, send, width)
-
-        def stage_b() -> tuple[dist.Work, Callable[[Any], Tensor]]:  # from a later hook call
-            inside = topo.gather_inside(state, send, cross)
-
-            def finish_node(fut: torch.futures.Future[list[Tensor]]) -> Tensor:  # Step IV
-                fut.wait()
-                arrived = time.perf_counter()
-                topo.inside_arrived(state, inside, arrived)
-                settle(topo.decode(state, shares, inside.gathered, width, buffer, topo.stage_rows), arrived)
-                return buffer
-
-            return inside.work, finish_node
-
-        fut = session.defer(send, cross.work, stage_b)
-    else:
-        if send.sparse:
-            received = state.codec.scratch(layout, buffer.device, "gathered", n * width, torch.uint8)
-            work = all_gather_async(received, send.message, group)
+        started = time.perf_counter()
+        if topo is None:
+            send = state.codec.encode(layout, buffer, track=state.track_sent, divide=state.world_size)
+            shares, width = None, layout.message_bytes
         else:
-            received = send.payload if topo is None else send.payload.div_(topo.n_nodes)  # flat: divided by N
-            work = dist.all_reduce(received, group=group, async_op=True)
-
-        # Step IV
-        def finish(fut: torch.futures.Future[list[Tensor]]) -> Tensor:
-            fut.wait()
-            arrived = time.perf_counter()
-            settle(state.codec.decode(send, received), arrived)
-            return buffer
-
-        fut = session.track(send, work, finish)  # waited for, and its callback dropped, in Step V
+            session.complete_posted(wait=True)  # the node's shared-memory calls complete in order
+            send, shares, width = topo.encode(state, layout, buffer)
+        fut = _launch(Launch(state, session, topo, send, shares, width, names, buffer, ledger, started))
 
     if bucket.is_last():  # Step V: the step as a whole
         failures = session.finish_step()
@@ -121,6 +94,73 @@ def ddp_comm_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Fut
         else:
             state.end_step()
     return fut
+
+
+@dataclass
+class Launch:
+    """One bucket, encoded: what Steps III and IV need."""
+
+    state: DGCState
+    session: DDPSession
+    topo: TorchNodeTopology | None
+    send: Send
+    shares: list[BucketLayout] | None
+    width: int
+    names: tuple[str, ...]
+    buffer: Tensor
+    ledger: StepLedger
+    started: float
+    """``time.perf_counter()`` when the encoding started (``policy="auto"`` times the codec)."""
+
+
+def _launch(b: Launch, fut: torch.futures.Future[Tensor] | None = None) -> torch.futures.Future[Tensor]:
+    """Steps III-IV of an encoded bucket: issue its collective now, decode and settle it in the
+    callback; returns the future for DDP (``fut``: the one handed to DDP already, for a posted bucket)."""
+    state, session, topo, send, buffer = b.state, b.session, b.topo, b.send, b.buffer
+    encoded = time.perf_counter()
+    session.note(send)
+
+    def settle(failed: str | None, arrived: float) -> None:  # Step IV's end (defined before the
+        if not failed:                                        # collective: its callback may run at once)
+            session.micro.after_decode(state, b.names, buffer)
+            session.observe(state, send, encoded, encoded - b.started, time.perf_counter() - arrived)
+        b.ledger.settle(failed=failed, commit=functools.partial(send.commit, state),
+                        undo=functools.partial(send.undo, state))
+
+    # Step III
+    group, n = state.process_group, state.world_size
+    if send.sparse and topo is not None:  # stage A now, stage B once it has arrived (session.pump)
+        cross = topo.gather_across(state, send, b.width)
+        shares = b.shares
+
+        def stage_b() -> tuple[dist.Work, Callable[[Any], Tensor]]:  # from a later hook call
+            inside = topo.gather_inside(state, send, cross)
+
+            def finish_node(done: torch.futures.Future[list[Tensor]]) -> Tensor:  # Step IV
+                done.wait()
+                arrived = time.perf_counter()
+                topo.inside_arrived(state, inside, arrived)
+                settle(topo.decode(state, shares, inside.gathered, b.width, buffer, topo.stage_rows), arrived)
+                return buffer
+
+            return inside.work, finish_node
+
+        return session.defer(send, cross.work, stage_b, fut)
+    if send.sparse:
+        received = state.codec.scratch(send.layout, buffer.device, "gathered", n * b.width, torch.uint8)
+        work = all_gather_async(received, send.message, group)
+    else:
+        received = send.payload if topo is None else send.payload.div_(topo.n_nodes)  # flat: divided by N
+        work = dist.all_reduce(received, group=group, async_op=True)
+
+    # Step IV
+    def finish(done: torch.futures.Future[list[Tensor]]) -> Tensor:
+        done.wait()
+        arrived = time.perf_counter()
+        settle(state.codec.decode(send, received), arrived)
+        return buffer
+
+    return session.track(send, work, finish)  # waited for, and its callback dropped, in Step V
 
 
 def _gather_objects(group: dist.ProcessGroup | None):  # noqa: ANN202

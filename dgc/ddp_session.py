@@ -46,7 +46,7 @@ from .hierarchy_dist import TorchNodeTopology
 from .ledger import StepLedger
 from .state import DGCState
 
-__all__ = ["DDPSession", "Deferred", "Flight", "hook_without_python_tls"]
+__all__ = ["DDPSession", "Deferred", "Flight", "Posted", "hook_without_python_tls"]
 
 _log = logging.getLogger(__name__)
 
@@ -87,6 +87,21 @@ class Deferred:
     future: torch.futures.Future[Any]
     """What DDP waits for: completed with the bucket's buffer by the last bucket's call, once every
     stage B of the step has been decoded."""
+
+
+@dataclass
+class Posted:
+    """A ``hierarchy="node"`` sparse CPU bucket of this step posted to the node's shared memory
+    (:meth:`dgc.hierarchy_dist.TorchNodeTopology.post`): :meth:`DDPSession.complete_posted` sums,
+    encodes and launches it from a later hook call, once the node's other processes have posted it."""
+
+    ready: Callable[[], bool]
+    """Whether ``run`` would not wait for another process."""
+    run: Callable[[], None]
+    """Sums this rank's share, encodes it and issues its stage A (:meth:`DDPSession.defer` with
+    :attr:`future`)."""
+    future: torch.futures.Future[Any]
+    """What DDP waits for (handed on to the bucket's :class:`Deferred`)."""
 
 
 class _DropSignal:
@@ -149,6 +164,9 @@ class DDPSession:
         self._optimizer_hook: Any = None
         self._flights: list[Flight] = []
         self._deferred: list[Deferred] = []
+        self._posted: list[Posted] = []
+        self._completed = 0
+        """Buckets of :attr:`_posted` completed (run) so far, in order."""
         """This step's node-sparse buckets, in launch order."""
         self._issued = 0
         """How many of them have their stage B issued (always a prefix: :meth:`pump`)."""
@@ -215,17 +233,41 @@ class DDPSession:
         return fut
 
     def defer(
-        self, send: Send, stage_a: dist.Work, issue: Callable[[], tuple[dist.Work, Callable[[Any], Any]]]
+        self, send: Send, stage_a: dist.Work, issue: Callable[[], tuple[dist.Work, Callable[[Any], Any]]],
+        fut: torch.futures.Future[Any] | None = None,
     ) -> torch.futures.Future[Any]:
         """A bucket whose collectives go on after its hook call (``hierarchy="node"``'s stage B):
         ``stage_a`` is held until the next step, ``issue`` runs from a later hook call (:meth:`pump`) or
-        the last bucket's (:meth:`finish_step`); returns the future to hand DDP (completed with the
-        buffer there)."""
-        fut: torch.futures.Future[Any] = torch.futures.Future()
+        the last bucket's (:meth:`finish_step`); returns the future to hand DDP (``fut``, or a new one;
+        completed with the buffer there)."""
+        fut = torch.futures.Future() if fut is None else fut
         self._deferred.append(Deferred(send, stage_a, issue, fut))
         self._launched.append(send)
         self._works.append(stage_a)
         return fut
+
+    def post(self, ready: Callable[[], bool], run: Callable[[], None]) -> torch.futures.Future[Any]:
+        """A bucket posted to the node's shared memory (:class:`Posted`); returns the future to hand DDP."""
+        fut: torch.futures.Future[Any] = torch.futures.Future()
+        self._posted.append(Posted(ready, run, fut))
+        return fut
+
+    def complete_posted(self, *, wait: bool) -> None:
+        """Run the posted buckets not run yet, in posting order: every one but the newest (waiting for the
+        node's other processes if need be: at most one bucket stays posted across a hook call), the
+        newest too if it is ready or ``wait`` (the last bucket's call, or before a bucket that sums
+        inside the node at once)."""
+        try:
+            while self._completed < len(self._posted):
+                item = self._posted[self._completed]
+                newest = self._completed == len(self._posted) - 1
+                if newest and not wait and not item.ready():
+                    return
+                self._completed += 1
+                item.run()
+        except BaseException as exc:
+            self._fail_deferred(exc)
+            raise
 
     def pump(self, *, wait: bool = False) -> None:
         """Issue stage B of the deferred buckets whose stage A has arrived, in launch order, stopping at
@@ -260,6 +302,8 @@ class DDPSession:
             self._flights.clear()
             self._deferred.clear()
             self._issued = 0
+            self._posted.clear()
+            self._completed = 0
             self._launched = []
             self._works = []  # the last step's: its collectives are long over
         return self._ledger
@@ -292,6 +336,7 @@ class DDPSession:
         none is left to take the GIL at exit), and return the failures (empty when the step arrived
         everywhere)."""
         try:
+            self.complete_posted(wait=True)
             self.pump(wait=True)
             for flight in self._flights:
                 flight.future.wait()
@@ -307,11 +352,13 @@ class DDPSession:
         self._flights.clear()
         self._deferred.clear()
         self._issued = 0
+        self._posted.clear()
+        self._completed = 0
         return list(self._ledger.failures) if self._ledger is not None else []
 
     def _fail_deferred(self, exc: BaseException) -> None:
-        """Hand ``exc`` to every deferred bucket's future not completed yet."""
-        for item in self._deferred:
+        """Hand ``exc`` to every deferred or posted bucket's future not completed yet."""
+        for item in [*self._deferred, *self._posted]:
             if not item.future.done():
                 item.future.set_exception(exc)
 

@@ -50,6 +50,7 @@ from torch import Tensor
 
 from .codec import Send
 from .hierarchy_shards import cut_bucket, share_ranges
+from .kernels.reference import divide_sum
 from .wire import FLAG_NONFINITE, BucketLayout, MessageView, unpack_positions, wire_values
 
 if TYPE_CHECKING:
@@ -351,6 +352,7 @@ class NodeTopology:
         else:
             acc = state.codec.scratch(shares[self.local_rank], out.device, "node_sum", out.numel(), torch.float32)
             acc.zero_()
+        touched: list[Tensor] = []
         for share, view in zip(shares, views, strict=True):
             if not share.names:
                 continue
@@ -358,9 +360,13 @@ class NodeTopology:
             values, dense = wire_values(share, view, self.n_nodes)  # int8: dequantized
             for r in range(self.n_nodes):  # rank order: the same bits on every rank
                 acc.index_add_(0, pos[r], values[r].float())
+            touched.append(pos.reshape(-1))
             if share.dense_numel:
-                acc.index_add_(0, state.codec.dense_positions(share, out.device), dense.float().sum(dim=0))
-        acc.div_(self.n_nodes)
+                at = state.codec.dense_positions(share, out.device)
+                acc.index_add_(0, at, dense.float().sum(dim=0))
+                touched.append(at)
+        if touched:  # only the summed positions (the rest is 0 = 0 / n): no pass over the bucket
+            divide_sum(acc, torch.cat(touched), self.n_nodes)
         if acc is not out:
             out.copy_(acc)
         return None

@@ -24,11 +24,11 @@ from .hierarchy import (
     pack_share,
     unpack_share,
 )
-from .node_shm import NodeShm, NodeShmUnavailable
+from .node_shm import NodeShm, NodeShmUnavailable, Posted
 from .state import DGCState
 from .wire import BucketLayout
 
-__all__ = ["CrossGather", "InsideGather", "TorchNodeTopology", "all_gather_async"]
+__all__ = ["CrossGather", "InsideGather", "PostedShare", "TorchNodeTopology", "all_gather_async"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,14 @@ class InsideGather:
     """All ``N`` padded messages, rank r's in row :attr:`~dgc.hierarchy.NodeTopology.stage_rows` ``[r]``."""
     issued: float
     """``time.perf_counter()`` when stage B was issued (``policy="auto"`` times the gather inside)."""
+
+
+@dataclass(kw_only=True)
+class PostedShare:
+    """A sparse bucket posted to the node's shared memory, not yet summed (:meth:`TorchNodeTopology.post`)."""
+
+    shares: list[BucketLayout]
+    posted: Posted
 
 
 def all_gather_async(out: Tensor, inp: Tensor, group: dist.ProcessGroup | None) -> dist.Work:
@@ -138,6 +146,35 @@ class TorchNodeTopology(NodeTopology):
         if self.local_size > 1:
             wire = (self.local_size - 1) * inside.gathered.numel() // self.local_size
             state.policy.observe_inside(wire, arrived - inside.issued)
+
+    # ------------------------------------------------------------------ the pipelined shared-memory stage
+    def post(self, state: DGCState, layout: BucketLayout, buffer: Tensor) -> PostedShare | None:
+        """Step 1's first half for a sparse CPU bucket on shared memory: the other ranks' shares into this
+        process's slot (:meth:`NodeShm.post`); the hook goes on, and :meth:`complete` sums and encodes
+        at a later hook call, once the node's other processes have posted the bucket too.  None where
+        the stage is not pipelined (no shared memory here, or the segment must grow: the same on every
+        rank of the node): run :meth:`encode` instead, after completing every bucket posted before."""
+        shm = self._node_shm(state, buffer)
+        if shm is None or not layout.compressed:
+            return None
+        shares = self.shares(state, layout)
+        if not shm.fits(shares, buffer):
+            return None
+        return PostedShare(shares=shares, posted=shm.post(shares, buffer))
+
+    def ready(self, posted: PostedShare) -> bool:
+        """Whether :meth:`complete` would not wait (every process of the node has posted the bucket)."""
+        return self._shm is None or self._shm.ready(posted.posted)
+
+    def complete(self, state: DGCState, layout: BucketLayout, posted: PostedShare,
+                 buffer: Tensor) -> tuple[Send, list[BucketLayout], int]:
+        """Step 1's second half (waits for the node's other processes if need be), then step 2: as
+        :meth:`encode` returns."""
+        if self._shm is None:
+            raise RuntimeError("TorchNodeTopology.complete: the shared-memory stage is gone")
+        self._shm.complete(posted.posted)
+        send, width = self.encode_share(state, layout, posted.shares, buffer)
+        return send, posted.shares, width
 
     def _node_sum(self, t: Tensor, name: str) -> None:
         dist.all_reduce(t, group=self.intra)

@@ -337,4 +337,11 @@ int dgc_cpu_dense_momentum_many(float* const* g, float* const* u, const int64_t*
   return 0;
 }
 
+// Counters in memory shared between processes (dgc/node_shm.py): a store that publishes every earlier
+// write of this thread (release) and a load after which the writes published with the value are visible
+// (acquire), on every architecture.
+void dgc_cpu_counter_store(int64_t* p, int64_t value) { __atomic_store_n(p, value, __ATOMIC_RELEASE); }
+
+int64_t dgc_cpu_counter_load(const int64_t* p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+
 }  // extern "C"

@@ -30,6 +30,7 @@ import functools
 import itertools
 import logging
 import os
+import platform
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,6 +55,9 @@ __all__ = [
     "build",
     "candidates_above",
     "compress_step",
+    "counter_load",
+    "counter_store",
+    "counters_ordered",
     "dense_momentum",
     "dense_momentum_many",
     "exact_threshold",
@@ -106,6 +110,10 @@ def _load(path: Path) -> ctypes.CDLL:
     dll.dgc_cpu_dense_momentum_many.restype = ctypes.c_int
     dll.dgc_cpu_dense_momentum_many.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, ctypes.c_float, ctypes.c_int,
                                                 ctypes.c_float]  # fmt: skip
+    dll.dgc_cpu_counter_store.restype = None
+    dll.dgc_cpu_counter_store.argtypes = [_ptr, _i64]
+    dll.dgc_cpu_counter_load.restype = _i64
+    dll.dgc_cpu_counter_load.argtypes = [_ptr]
     return dll
 
 
@@ -432,3 +440,39 @@ def dense_momentum_many(gs: Sequence[Tensor], us: Sequence[Tensor], momentum: fl
             raise RuntimeError(f"dgc_cpu_dense_momentum_many: unknown momentum mode {lib.momentum_mode}")
 
     reference._over_chunks(starts[-1], run, gs[0].device)
+
+
+# ------------------------------------------------------------------------ counters in shared memory
+_TSO = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+"""x86 keeps stores in order and loads in order (total store order): plain int64 stores and loads of a
+shared mapping publish and see earlier writes without fences."""
+
+
+def counters_ordered() -> bool:
+    """Whether :func:`counter_store` / :func:`counter_load` order the memory around them (release /
+    acquire) here: the compiled kernels, or an x86 CPU."""
+    return _library() is not None or _TSO
+
+
+def counter_store(counters: Tensor, i: int, value: int) -> None:
+    """``counters[i] = value`` (an int64 CPU tensor, e.g. a shared mapping), published after every
+    earlier write of this thread (a release store)."""
+    lib = _library()
+    if lib is not None:
+        lib.dll.dgc_cpu_counter_store(counters.data_ptr() + 8 * i, value)
+    elif _TSO:
+        counters[i] = value
+    else:
+        raise RuntimeError("dgc.kernels.counter_store needs the compiled CPU kernels on this CPU "
+                           f"({platform.machine()}); see counters_ordered()")
+
+
+def counter_load(counters: Tensor, i: int) -> int:
+    """``counters[i]`` (an acquire load: writes published with the value are visible after it)."""
+    lib = _library()
+    if lib is not None:
+        return int(lib.dll.dgc_cpu_counter_load(counters.data_ptr() + 8 * i))
+    if _TSO:
+        return int(counters[i])
+    raise RuntimeError("dgc.kernels.counter_load needs the compiled CPU kernels on this CPU "
+                       f"({platform.machine()}); see counters_ordered()")

@@ -482,7 +482,7 @@ def scatter_unpack(out: Tensor, indices: Tensor, values: Tensor, world_size: int
         for r in range(world_size if k else 0):  # in rank order: the same sums, bit for bit, anywhere
             args = (_arr(acc), np.int64(n), _arr(idx[r]), is64, _arr(val[r]), kind, np.int64(k))
             _launch("dgc_scatter_add", index, k, _THREADS, args)
-    reference._divide_sum(acc, idx, world_size)
+    reference.divide_sum(acc, idx, world_size)
     if acc is not flat:
         flat.copy_(acc)
     return out

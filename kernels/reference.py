@@ -50,6 +50,7 @@ __all__ = [
     "THRESHOLD_DECAY",
     "block_absmax",
     "candidates_above",
+    "divide_sum",
     "check_k",
     "check_state",
     "compress_step",
@@ -618,13 +619,13 @@ def scatter_unpack(out: Tensor, indices: Tensor, values: Tensor, world_size: int
     val = values.reshape(world_size, -1)
     for r in range(world_size):
         acc.index_add_(0, idx[r], val[r].float())
-    _divide_sum(acc, idx, world_size)
+    divide_sum(acc, idx, world_size)
     if acc is not flat:
         flat.copy_(acc)
     return out
 
 
-def _divide_sum(acc: Tensor, indices: Tensor, world_size: int) -> None:
+def divide_sum(acc: Tensor, indices: Tensor, world_size: int) -> None:
     """``acc /= world_size``, touching only the summed positions when they are few (0 / N = 0)."""
     if world_size == 1:
         return

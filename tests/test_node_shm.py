@@ -8,7 +8,15 @@ import os
 import pytest
 import torch
 from _dist import run_distributed
-from node_shm_workers import Ranges, hierarchy_counted, random_shares, reduce_random
+from node_shm_workers import (
+    Ranges,
+    hierarchy_counted,
+    peer_gone,
+    pipelined_hook,
+    posted_late,
+    random_shares,
+    reduce_random,
+)
 
 from dgc.node_shm import folds, reduce_reference
 
@@ -101,3 +109,45 @@ def test_shm_forced_across_hosts_is_refused_and_auto_falls_back() -> None:
         assert r["shm_calls"] == 0
         for n, p in r["flat"].items():
             torch.testing.assert_close(r["node"][n], p, rtol=1e-5, atol=1e-6)
+
+
+def test_a_call_posted_before_the_other_process_is_completed_later_in_order() -> None:
+    results = run_distributed(posted_late, 2, timeout=60)
+    for r in results:
+        assert r["equal"] == [True, True, True]
+        assert "call 0 is not completed" in r["two_behind"]  # at most one call open
+        assert "complete in order" in r["out_of_order"]
+    early = results[0]
+    assert early["ready_at_once"] is False  # rank 1 sleeps 0.5 s before posting
+    assert early["posting_s"] < 0.3  # posting two calls did not wait for it
+    assert early["waits"] >= 1  # completing did
+    assert results[1]["ready_at_once"] is True
+
+
+def test_a_dead_process_of_the_node_is_named_instead_of_a_hang() -> None:
+    r = run_distributed(peer_gone, 2, timeout=60)[0]
+    assert "local rank 1" in r["error"] and "exited" in r["error"], r
+    assert "node_reduce='collective'" in r["error"]  # the way out
+    assert r["seconds"] < 10
+
+
+def test_the_hook_completes_a_bucket_at_a_later_call_and_every_rank_agrees() -> None:
+    # (node equals flat through this path: test_node_hierarchy_equals_flat_on_both_paths)
+    results = run_distributed(pipelined_hook, 4, timeout=150)
+    for r in results:
+        assert r["sparse"] > 0 and all(later > call for call, later in r["completed"])
+        for n, p in results[0]["params"].items():
+            assert torch.equal(p, r["params"][n])
+    # local rank 0 of node 0 posted while its peer slept: some bucket completed a hook call later
+    assert any(later > call + 1 for call, later in results[0]["completed"]), results[0]["completed"]
+
+
+def test_counters_publish_and_read_back() -> None:
+    from dgc.kernels import cpu_fused
+
+    assert cpu_fused.counters_ordered()  # the compiled kernels, or x86: shared memory is usable here
+    counters = torch.zeros(32, dtype=torch.int64)
+    cpu_fused.counter_store(counters, 8, 41)
+    cpu_fused.counter_store(counters, 8, 42)
+    assert cpu_fused.counter_load(counters, 8) == 42 and int(counters[8]) == 42
+    assert int(counters.sum()) == 42  # nothing else written
