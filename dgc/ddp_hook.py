@@ -71,6 +71,7 @@ def ddp_comm_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Fut
     posted = None if topo is None else topo.post(state, layout, buffer)
     if posted is not None:  # a sparse CPU bucket: summed, encoded and launched once the node has posted it
         def run() -> None:
+            topo.wait(posted)  # not the codec's time (policy="auto" times what follows)
             started = time.perf_counter()
             send, shares, width = topo.complete(state, layout, posted, buffer)
             _launch(Launch(state, session, topo, send, shares, width, names, buffer, ledger, started), fut)

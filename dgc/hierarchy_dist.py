@@ -166,6 +166,11 @@ class TorchNodeTopology(NodeTopology):
         """Whether :meth:`complete` would not wait (every process of the node has posted the bucket)."""
         return self._shm is None or self._shm.ready(posted.posted)
 
+    def wait(self, posted: PostedShare) -> None:
+        """Until the node's other processes have posted the bucket (:meth:`complete` then sums at once)."""
+        if self._shm is not None:
+            self._shm.wait(posted.posted)
+
     def complete(self, state: DGCState, layout: BucketLayout, posted: PostedShare,
                  buffer: Tensor) -> tuple[Send, list[BucketLayout], int]:
         """Step 1's second half (waits for the node's other processes if need be), then step 2: as

@@ -247,14 +247,19 @@ class NodeShm:
         """Whether every process of the node has posted ``posted``'s call (:meth:`complete` would not wait)."""
         return not self._behind(posted.counters, self._posted_at, posted.call + 1)
 
+    def wait(self, posted: Posted) -> None:
+        """Until every process of the node has posted ``posted``'s call (counted in :attr:`waits` if it
+        had not yet)."""
+        if not self.ready(posted):
+            self.waits += 1
+            self._wait(posted.counters, self._posted_at, posted.call + 1, f"post call {posted.call}")
+
     def complete(self, posted: Posted) -> None:
         """Step 2, once every process has posted the call (waits for them): this rank's share of the
         buffer, averaged over the node; then "read".  Calls complete in the order they were posted."""
         if posted.call != self.done:
             raise RuntimeError(f"NodeShm.complete: call {posted.call} before call {self.done}; complete in order")
-        if not self.ready(posted):
-            self.waits += 1
-            self._wait(posted.counters, self._posted_at, posted.call + 1, f"post call {posted.call}")
+        self.wait(posted)
         me, sizes = self.local_rank, posted.sizes
         if sizes[me]:  # my share: mine + the others', in local-rank order
             slots = [posted.half[self._place(sizes, r, me) :] for r in range(self.local_size) if r != me]
