@@ -11,9 +11,17 @@ a cut inside a tensor splits it into pieces).  Per step:
                  rows, padded to the largest share's elements), overlapping the rest of the backward
                  pass;
     synchronize  per bucket, in bucket order: the migration of moved state (first step, or after a
-                 load), the wait for the reduce, this rank's share through the codec, and the all-gather
-                 of the padded share messages (or the dense sum) is launched; the optimizer then waits
-                 for every bucket and decodes it like any other :class:`~dgc.horovod_flight.Flight`.
+                 load), the wait for the reduce, this rank's share through the codec, and stage A (the
+                 padded share message all-gathered with the same local rank of the other nodes) or the
+                 dense sum is launched; after each bucket, every earlier bucket whose stage A has arrived
+                 (``hvd.poll``) gets its stage B (stage A's n messages all-gathered inside the node);
+                 then the stage Bs left are issued in bucket order, each once its stage A has arrived,
+                 and the optimizer waits for every bucket and decodes it like any other
+                 :class:`~dgc.horovod_flight.Flight` (the N messages in the two-stage order,
+                 :attr:`~dgc.hierarchy.NodeTopology.stage_rows`).  Horovod pairs collectives by name, so
+                 the ranks may issue the stage Bs in different orders.  Without cross process sets
+                 (:func:`~dgc.hierarchy_horovod.cross_process_sets`) one all-gather over all processes
+                 replaces both stages.
 """
 
 from __future__ import annotations
@@ -22,15 +30,17 @@ import functools
 import time
 from dataclasses import dataclass, field
 
+import horovod.torch as hvd
 import torch
 from torch import Tensor
 
+from .codec import Send
 from .hierarchy_horovod import HorovodNodeTopology
 from .horovod_flight import Flight
 from .state import DGCState
 from .wire import BucketLayout
 
-__all__ = ["BUCKET_CAP_BYTES", "NodeBuckets", "plan_buckets"]
+__all__ = ["BUCKET_CAP_BYTES", "NodeBuckets", "StageA", "plan_buckets"]
 
 BUCKET_CAP_BYTES = 25 * 2**20
 """Bytes of gradients per bucket (DDP's default ``bucket_cap_mb=25``): larger buckets split more evenly
@@ -69,6 +79,23 @@ class NodeBucket:
     """The reduce-scatter in flight (None: not launched this step)."""
 
 
+@dataclass(kw_only=True)
+class StageA:
+    """A sparse bucket whose stage A is in flight (or whose stage B is issued): what its
+    :class:`~dgc.horovod_flight.Flight` needs once stage B is."""
+
+    bucket: NodeBucket
+    send: Send
+    width: int
+    """The padded message size W."""
+    handle: int
+    """Stage A's handle (all-gather over the cross set)."""
+    started: float
+    encode_s: float
+    inside: int | None = None
+    """Stage B's handle, once issued."""
+
+
 class NodeBuckets:
     """The buckets of one optimizer and their per-step communication over a :class:`HorovodNodeTopology`."""
 
@@ -101,28 +128,53 @@ class NodeBuckets:
         b.handle = self.topo.launch_reduce(b.shares, b.buffer, f"dgc.node.reduce.{b.index}")
 
     def launch(self) -> list[Flight]:
-        """From ``synchronize()`` (every parameter is ready): every bucket's share encoded and its
-        all-gather (or dense sum) launched, in bucket order."""
-        flights = []
+        """From ``synchronize()`` (every parameter is ready): every bucket's share encoded and its stage A
+        (or one-stage all-gather, or dense sum) launched, in bucket order, with the stage Bs issued as
+        their stage As arrive; returns when every stage B is issued."""
+        launched: list[Flight | StageA] = []
         for b in self.buckets:
             if b.handle is None:
                 self._reduce(b)
-            flights.append(self._encode(b))
-        return flights
+            launched.append(self._encode(b))
+            self._pump(launched, wait=False)
+        self._pump(launched, wait=True)
+        return [x if isinstance(x, Flight) else self._flight(x) for x in launched]
 
-    def _encode(self, b: NodeBucket) -> Flight:
+    def _pump(self, launched: list[Flight | StageA], wait: bool) -> None:
+        """Issue stage B of every bucket whose stage A has arrived (``wait``: of every bucket, waiting
+        for its stage A, in bucket order)."""
+        for a in launched:
+            if isinstance(a, StageA) and a.inside is None and (wait or hvd.poll(a.handle)):
+                across = hvd.synchronize(a.handle)
+                a.inside = self.topo.launch_inside(self.state, across, f"dgc.node.inside.{a.bucket.index}")
+
+    def _encode(self, b: NodeBucket) -> Flight | StageA:
         topo, state = self.topo, self.state
         topo.migrate(state, b.shares)
         t0 = time.perf_counter()
         topo.finish_reduce(b.handle, b.shares, b.buffer)
         send, width = topo.encode_share(state, b.layout, b.shares, b.buffer)
         t1 = time.perf_counter()
+        if send.sparse and topo.two_stage:
+            handle = topo.launch_across(state, send, width, f"dgc.node.across.{b.index}")
+            return StageA(bucket=b, send=send, width=width, handle=handle, started=t1, encode_s=t1 - t0)
         if send.sparse:
             handle = topo.launch_gather(state, send, width, f"dgc.node.gather.{b.index}")
             decoder = functools.partial(topo.decode, state, b.shares, width=width, out=b.buffer)
         else:
             handle, decoder = topo.launch_dense(send, f"dgc.node.dense.{b.index}"), None
         return Flight(send=send, handle=handle, params=b.params, started=t1, encode_s=t1 - t0,
+                      group=b.layout, decoder=decoder)
+
+    def _flight(self, a: StageA) -> Flight:
+        """The flight of a bucket whose stage B is issued: decoded from stage B's rows."""
+        b, topo = a.bucket, self.topo
+        if a.inside is None:
+            raise RuntimeError(f"dgc: node bucket {b.index}'s stage B was never issued (NodeBuckets.launch pumps "
+                               "every stage A before building the flights)")
+        decoder = functools.partial(topo.decode, self.state, b.shares, width=a.width, out=b.buffer,
+                                    rows_of=topo.stage_rows)
+        return Flight(send=a.send, handle=a.inside, params=b.params, started=a.started, encode_s=a.encode_s,
                       group=b.layout, decoder=decoder)
 
     def reset(self) -> None:

@@ -22,17 +22,18 @@ from test_horovod import ROOT, _free_port, _horovodrun, _need_horovod
 from dgc.hierarchy import NodePlace, check_node_groups, node_groups_from_places
 
 WORKER = Path(__file__).resolve().parent / "horovod_workers" / "hierarchy.py"
+EXCHANGE = WORKER.with_name("node_exchange.py")
 TIMEOUT = 180  # seconds per 4-process launch (each takes ~20-40 s on 2 loaded cores)
 
 
-def launch(scenario: str, tmp_path: Path) -> dict:
-    """Rank 0's figures of ``scenario`` run by 4 processes."""
+def launch(scenario: str, tmp_path: Path, worker: Path = WORKER) -> dict:
+    """Rank 0's figures of ``scenario`` (of ``worker``) run by 4 processes."""
     _need_horovod()
     out = tmp_path / f"{scenario}.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DGC_TEST_PORT": str(_free_port()),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     env.pop("HOROVOD_DYNAMIC_PROCESS_SETS", None)  # each scenario chooses its process sets itself
-    cmd = [*_horovodrun(), "--gloo", "-np", "4", "-H", "localhost:4", sys.executable, str(WORKER), scenario, str(out)]
+    cmd = [*_horovodrun(), "--gloo", "-np", "4", "-H", "localhost:4", sys.executable, str(worker), scenario, str(out)]
     try:
         proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     except subprocess.TimeoutExpired as exc:
@@ -71,6 +72,34 @@ def test_buckets_follow_ddp_order_per_dtype_with_a_cap() -> None:
     assert buckets == [["p4", "p3"], ["p2"], ["p1", "p0"]]
 
 
+def test_cross_sets_are_all_or_none_added_in_local_rank_order(monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    _need_horovod()
+    from types import SimpleNamespace
+
+    from dgc import hierarchy_horovod as hh
+
+    registered = {(0, 2)}  # local rank 0's set registered (e.g. at init), local rank 1's not
+    added: list[list[int]] = []
+    monkeypatch.setattr(hh, "registered_process_set",
+                        lambda r: ("registered", tuple(sorted(r))) if tuple(sorted(r)) in registered else None)
+    monkeypatch.setattr(hh.hvd, "add_process_set", lambda r: added.append(list(r)) or ("added", tuple(r)))
+    monkeypatch.setenv("HOROVOD_DYNAMIC_PROCESS_SETS", "1")
+    got = hh.cross_process_sets([[0, 2], [3, 1]])
+    assert got.sets == [("registered", (0, 2)), ("added", (1, 3))] and added == [[1, 3]], got
+    # fixed process sets: none (not local rank 0's alone: every rank must take the same path)
+    monkeypatch.delenv("HOROVOD_DYNAMIC_PROCESS_SETS")
+    got = hh.cross_process_sets([[0, 2], [1, 3]])
+    assert got.sets is None and "[[1, 3]]" in got.why and "process_sets='dynamic'" in got.why, got
+    assert added == [[1, 3]]
+    # the reason is logged by rank 0 only, once
+    monkeypatch.setattr(hh, "_SAID", set())
+    with caplog.at_level("WARNING", logger="dgc.hierarchy_horovod"):
+        for rank in (1, 0, 0):
+            hh._say_once(SimpleNamespace(rank=rank), got.why)
+    assert [r.getMessage().count("[[1, 3]]") for r in caplog.records] == [1], caplog.text
+
+
 # ------------------------------------------------------------------- horovodrun --gloo -np 4
 @pytest.mark.slow
 @pytest.mark.timeout(TIMEOUT + 30)
@@ -86,9 +115,12 @@ def test_node_equals_flat_horovod_dgc_and_receives_fewer_bytes(tmp_path: Path) -
     assert r["dense_policy"]["node_sparse_steps"] == 0, r
     received = r["received"]
     assert received["node_sparse_steps"] >= 3, r
-    # the sparse steps: padded share messages (about half of each message) beside the buckets of
-    # small tensors, which are reduced whole either way (23,808 vs 29,632 bytes when written)
-    assert received["node"] < 0.85 * received["flat"], r
+    # the sparse steps: each rank hands (n - 1) = 1 padded share message (about half a message) across
+    # the nodes per bucket, where flat sends its whole message to N - 1 = 3 others (5,632 against 33,888
+    # bytes when written); what it receives, stage A's n and stage B's N share messages, is about flat's
+    # on this small net (33,792 against 29,632 bytes: each share message carries its own header and
+    # alignment), less at ResNet-50's sizes (docs/policy.md)
+    assert 0 < received["node_across"] < 0.4 * received["flat_across"], r
 
 
 @pytest.mark.slow
@@ -116,3 +148,38 @@ def test_process_sets_passed_at_init_are_used_and_missing_ones_named(tmp_path: P
     # policy="auto" with hierarchy="node": decisions taken, the same on every rank, share-aware
     assert r["auto_decided"] > 0 and r["auto_same_everywhere"] and r["auto_topology"], r
     assert r["auto_spread"] == 0.0, r
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TIMEOUT + 30)
+def test_two_stages_send_n_minus_1_messages_across_and_decode_the_one_stage_bits(tmp_path: Path) -> None:
+    r = launch("two_stage", tmp_path, EXCHANGE)
+    assert r["two_stage"], r  # dynamic process sets: dgc added the cross sets
+    sparse = [i for i, b in enumerate(r["buckets"]) if b]
+    assert len(sparse) >= 2, r
+    for i in sparse:
+        # (n - 1) W per sparse bucket, counted by the topology and seen by the spy: n = 2 nodes, not the
+        # (N - 1) W = 3 W of an all-gather over all 4 processes (what the forced one-stage run hands)
+        assert r["counter"][i] == r["across"][i] == r["expected"][i] > 0, r
+        assert r["one_stage_across"][i] == 3 * r["one_stage_expected"][i] > 0, r
+        # stage A over the 2 ranks of a local rank, stage B over the 2 of the node: nothing over all 4
+        assert r["set_sizes"][i] == [2], r
+        assert r["one_stage_set_sizes"][i] == [4], r
+    # every row is the message the one-stage all-gather puts at that rank, and the decode is bitwise
+    # the one-stage decode; so are the parameters after training
+    assert r["rows_equal"] and r["decoded_equal"], r
+    assert r["max_diff_one_stage"] == 0.0, r
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TIMEOUT + 30)
+def test_without_cross_sets_one_gather_over_all_processes_and_rank_0_says_why(tmp_path: Path) -> None:
+    r = launch("one_stage", tmp_path, EXCHANGE)  # only the node sets, at hvd.init(process_sets=[...])
+    assert not r["two_stage"], r
+    sparse = [i for i, b in enumerate(r["buckets"]) if b]
+    assert sparse, r
+    for i in sparse:
+        assert r["counter"][i] == r["across"][i] == 3 * r["expected"][i] > 0, r  # (N - 1) W
+        assert r["set_sizes"][i] == [4], r
+    assert len(r["said"]) == 1, r  # once, though two optimizers were built
+    assert "process_sets='dynamic'" in r["said"][0] and "hvd.ProcessSet(peers)" in r["said"][0], r

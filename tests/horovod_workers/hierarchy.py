@@ -5,7 +5,7 @@ Every rank runs the scenario; rank 0 writes a JSON of measured figures to OUT.  
 
 * ``equal``: ``hierarchy="node"`` against flat Horovod DGC, same seeds and data, at density 1 (momentum
   0, and momentum 0.9 without momentum masking) and with ``policy="dense"`` (momentum-corrected dense);
-  and the bytes each rank receives at density 0.01, node against flat;
+  and at density 0.01 the bytes each rank receives and hands across the nodes, node against flat;
 * ``invariant``: the conservation invariant per share at every step (density 0.05), state held by one
   local rank per node, the checkpoint layout check, node layouts that are refused, and the nodes found
   from Horovod's own ``local_rank``/``cross_rank`` (one host: one node of 4);
@@ -70,11 +70,13 @@ def split_tensors(opt) -> list[str]:  # noqa: ANN001
 
 
 def train(cfg: dgc.DGCConfig, steps: int) -> dict:
-    """Train the net for ``steps``; the parameters after every step, the bytes received, sparse steps,
-    the pieces of split tensors."""
+    """Train the net for ``steps``; the parameters after every step, over the sparse steps the bytes
+    received and those handed across the nodes (node: the topology's ``sent_across``; flat: every byte
+    a rank sends goes to the N - 1 others, (N - 1) x ``bytes_sent``), sparse steps, the pieces of split
+    tensors."""
     model = make_model()
     opt = optimizer(model, cfg)
-    params, received, sparse = [], 0, 0
+    params, received, sent, sparse = [], 0, 0, 0
     for x, y in batches(steps):
         opt.zero_grad()
         loss_fn(model, x, y).backward()
@@ -82,8 +84,12 @@ def train(cfg: dgc.DGCConfig, steps: int) -> dict:
         params.append({n: p.detach().clone() for n, p in model.named_parameters()})
         if opt.dgc_state.stats.sparse_buckets > 0:  # the dense steps reduce whole buckets either way
             received += opt.dgc_state.stats.bytes_received
+            sent += opt.dgc_state.stats.bytes_sent
             sparse += 1
-    return {"params": params, "received": received, "sparse_steps": sparse, "pieces": split_tensors(opt)}
+    nodes = getattr(opt, "_nodes", None)
+    across = (hvd.size() - 1) * sent if nodes is None else nodes.topo.sent_across
+    return {"params": params, "received": received, "across": across, "sparse_steps": sparse,
+            "pieces": split_tensors(opt)}
 
 
 def _spread(t: torch.Tensor) -> float:
@@ -120,7 +126,8 @@ def scenario_equal(steps: int = 5) -> dict:
     sparse = dict(density=0.01, momentum=0.9, dense_steps=1, min_compress_numel=128)
     flat = train(dgc.DGCConfig(**sparse, hierarchy="flat"), steps)
     node = train(dgc.DGCConfig(**sparse, hierarchy="node"), steps)
-    out["received"] = {"flat": flat["received"], "node": node["received"], "node_sparse_steps": node["sparse_steps"]}
+    out["received"] = {"flat": flat["received"], "node": node["received"], "node_sparse_steps": node["sparse_steps"],
+                       "flat_across": flat["across"], "node_across": node["across"]}
     return out
 
 
