@@ -21,7 +21,8 @@ bucket of :mod:`dgc.hierarchy_horovod_steps`):
        about ``(n - 1)`` whole messages, instead of the ``(N - 1)`` share messages of an all-gather over
        all N processes; stage B, an all-gather inside the node of the ``n`` messages each rank got, so
        every rank holds all ``N`` share messages (:attr:`NodeTopology.stage_rows` says which rank's each
-       row is).  Horovod: one all-gather over all processes;
+       row is).  Horovod: the same over process sets (one all-gather over all processes where the
+       cross sets are not registered);
     4. every rank sums the n messages of each share (in node order: the same bits either way) and
        divides by n.
 
@@ -162,7 +163,8 @@ class NodeTopology:
     communicated)."""
     two_stage: bool = False
     """Whether the share messages cross the nodes among peers and are then gathered inside the node
-    (the DDP hook), or go in one all-gather over all processes (Horovod); the cost model follows."""
+    (the DDP hook; Horovod with its cross process sets), or go in one all-gather over all processes
+    (Horovod without them); the cost model follows."""
     sent_across: int = 0
     """Bytes this rank has handed to collectives over ranks of other nodes, times the peers each went
     to (an all-gather of W bytes over g ranks: (g - 1) W), summed over the run (DDP's stage A)."""

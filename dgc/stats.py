@@ -20,8 +20,8 @@ class CompressionStats:
     bytes_sent: int = 0
     """Bytes this worker contributed: the message for an allgather, the buffer for an allreduce."""
     bytes_received: int = 0
-    """Bytes this worker received: N messages for an allgather (``hierarchy="node"`` on DDP: n share
-    messages from its peers in the other nodes, then the node's N), the buffer for an allreduce."""
+    """Bytes this worker received: N messages for an allgather (``hierarchy="node"`` in two stages: n
+    share messages from its peers in the other nodes, then the node's N), the buffer for an allreduce."""
     dense_bytes: int = 0
     """Bytes of the gradients themselves (what plain DDP would allreduce)."""
     elements: int = 0
