@@ -16,12 +16,10 @@ Every rank runs the scenario; rank 0 writes a JSON of measured figures to OUT.  
 
 from __future__ import annotations
 
-import sys
-
 import horovod.torch as hvd
 import torch
 import torch.nn as nn
-from hvd_main import run_and_report
+from hvd_main import main_with_node_sets
 from worker import loss_fn, max_over_ranks  # this file's folder is on sys.path (run as a script)
 
 import dgc
@@ -249,12 +247,7 @@ SCENARIOS = {"equal": scenario_equal, "invariant": scenario_invariant, "static_s
 
 
 def main() -> None:
-    scenario, out = sys.argv[1], sys.argv[2]
-    if scenario == "static_sets":
-        init = {"process_sets": [hvd.ProcessSet(g) for g in NODES]}
-    else:
-        init = {"process_sets": "dynamic"}
-    run_and_report(SCENARIOS[scenario], out, **init)
+    main_with_node_sets(SCENARIOS, "static_sets", NODES)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import horovod.torch as hvd
@@ -21,3 +22,15 @@ def run_and_report(run: Callable[[], dict], out: str, **init: Any) -> None:
         with open(out, "w") as f:
             json.dump(result, f)
     hvd.shutdown()
+
+
+def main_with_node_sets(scenarios: dict[str, Callable[[], dict]], static: str,
+                        nodes: Sequence[Sequence[int]]) -> None:
+    """``python worker.py SCENARIO OUT``: run the scenario with dynamic process sets, or, for the
+    scenario named ``static``, with only one process set per node registered at ``hvd.init``."""
+    scenario, out = sys.argv[1], sys.argv[2]
+    if scenario == static:
+        init: dict[str, Any] = {"process_sets": [hvd.ProcessSet(list(g)) for g in nodes]}
+    else:
+        init = {"process_sets": "dynamic"}
+    run_and_report(scenarios[scenario], out, **init)

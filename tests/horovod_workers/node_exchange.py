@@ -14,12 +14,11 @@ share messages, watched from outside (every all-gather of bytes the library issu
 from __future__ import annotations
 
 import logging
-import sys
 
 import horovod.torch as hvd
 import torch
 from hierarchy import NODES, batches, make_model, optimizer
-from hvd_main import run_and_report
+from hvd_main import main_with_node_sets
 from worker import loss_fn, max_over_ranks  # this file's folder is on sys.path (run as a script)
 
 import dgc
@@ -166,12 +165,7 @@ SCENARIOS = {"two_stage": scenario_two_stage, "one_stage": scenario_one_stage}
 
 
 def main() -> None:
-    scenario, out = sys.argv[1], sys.argv[2]
-    if scenario == "one_stage":
-        init = {"process_sets": [hvd.ProcessSet(g) for g in NODES]}
-    else:
-        init = {"process_sets": "dynamic"}
-    run_and_report(SCENARIOS[scenario], out, **init)
+    main_with_node_sets(SCENARIOS, "one_stage", NODES)
 
 
 if __name__ == "__main__":
