@@ -46,7 +46,7 @@ from .hierarchy_dist import TorchNodeTopology
 from .ledger import StepLedger
 from .state import DGCState
 
-__all__ = ["DDPSession", "Deferred", "Flight", "Posted", "hook_without_python_tls"]
+__all__ = ["DDPSession", "Deferred", "Flight", "PostedBucket", "hook_without_python_tls"]
 
 _log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class Deferred:
 
 
 @dataclass
-class Posted:
+class PostedBucket:
     """A ``hierarchy="node"`` sparse CPU bucket of this step posted to the node's shared memory
     (:meth:`dgc.hierarchy_dist.TorchNodeTopology.post`): :meth:`DDPSession.complete_posted` sums,
     encodes and launches it from a later hook call, once the node's other processes have posted it."""
@@ -164,12 +164,13 @@ class DDPSession:
         self._optimizer_hook: Any = None
         self._flights: list[Flight] = []
         self._deferred: list[Deferred] = []
-        self._posted: list[Posted] = []
-        self._completed = 0
-        """Buckets of :attr:`_posted` completed (run) so far, in order."""
         """This step's node-sparse buckets, in launch order."""
         self._issued = 0
         """How many of them have their stage B issued (always a prefix: :meth:`pump`)."""
+        self._posted: list[PostedBucket] = []
+        """This step's buckets posted to the node's shared memory, in posting order."""
+        self._completed = 0
+        """How many of them have been run (always a prefix: :meth:`complete_posted`)."""
         self._launched: list[Send] = []
         """This step's groups in launch order (the same on every rank)."""
         self._works: list[dist.Work] = []
@@ -247,9 +248,9 @@ class DDPSession:
         return fut
 
     def post(self, ready: Callable[[], bool], run: Callable[[], None]) -> torch.futures.Future[Any]:
-        """A bucket posted to the node's shared memory (:class:`Posted`); returns the future to hand DDP."""
+        """A bucket posted to the node's shared memory (:class:`PostedBucket`); returns the future to hand DDP."""
         fut: torch.futures.Future[Any] = torch.futures.Future()
-        self._posted.append(Posted(ready, run, fut))
+        self._posted.append(PostedBucket(ready, run, fut))
         return fut
 
     def complete_posted(self, *, wait: bool) -> None:
@@ -300,10 +301,7 @@ class DDPSession:
                 self.last_groups = [send.layout.names for send in self._sends]
             self._sends = []
             self._flights.clear()
-            self._deferred.clear()
-            self._issued = 0
-            self._posted.clear()
-            self._completed = 0
+            self._clear_node_queues()
             self._launched = []
             self._works = []  # the last step's: its collectives are long over
         return self._ledger
@@ -350,11 +348,15 @@ class DDPSession:
         self._sends = list(self._launched)
         self._works += [flight.work for flight in self._flights]  # the step's, dropped at the next
         self._flights.clear()
+        self._clear_node_queues()
+        return list(self._ledger.failures) if self._ledger is not None else []
+
+    def _clear_node_queues(self) -> None:
+        """The step's deferred and posted buckets are over (or the step starts)."""
         self._deferred.clear()
         self._issued = 0
         self._posted.clear()
         self._completed = 0
-        return list(self._ledger.failures) if self._ledger is not None else []
 
     def _fail_deferred(self, exc: BaseException) -> None:
         """Hand ``exc`` to every deferred or posted bucket's future not completed yet."""
